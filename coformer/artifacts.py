@@ -1,0 +1,146 @@
+"""Plan directories: ``plan.json`` + one safetensors file per sub-model + aggregator; sha256-verified.
+
+Layout::
+
+    plan.json                 policy, selections, backbone, figures, versions, file hashes
+    submodel_0.safetensors    ... one per sub-model
+    aggregator.safetensors    aggregator weights (incl. task head and student heads)
+
+Nothing is pickled: configs are JSON and weights are safetensors.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+from safetensors.torch import save as st_save
+
+from coformer.aggregator import Aggregator
+from coformer.backbone import SubModel
+from coformer.heads import ClassifierHead, StudentHead
+from coformer.transport import SubModelArtifact, sha256
+
+PLAN_FORMAT = 1
+
+
+class ArtifactError(ValueError):
+    """A plan directory is missing a file, or a file's hash does not match ``plan.json``."""
+
+
+def _versions() -> dict[str, str]:
+    import coformer
+
+    return {"coformer": coformer.__version__, "torch": torch.__version__, "python": platform.python_version()}
+
+
+def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    # clone so tied/shared tensors are written as independent entries safetensors accepts
+    return {k: v.detach().contiguous().clone() for k, v in module.state_dict().items()}
+
+
+def submodel_artifact(model: SubModel) -> SubModelArtifact:
+    """Serialise a sub-model to the bytes a worker loads."""
+    return SubModelArtifact.from_parts(model.config, st_save(_state(model)))
+
+
+@dataclass
+class Plan:
+    """A loaded plan directory."""
+
+    path: Path
+    meta: dict[str, Any]
+    artifacts: list[SubModelArtifact]
+    aggregator: Aggregator
+    figures: dict[str, Any] = field(default_factory=dict)
+
+    def submodels(self) -> list[SubModel]:
+        """Rebuild the sub-models locally (for in-process runs and tests)."""
+        from coformer.registry import create
+        from safetensors.torch import load as st_load
+
+        out = []
+        for art in self.artifacts:
+            m = create("backbone", art.config["backbone"]).build_submodel(art.config)
+            m.load_state_dict(st_load(art.weights))
+            out.append(m.eval())
+        return out
+
+
+def save_plan(
+    path: str | Path,
+    *,
+    submodels: Sequence[SubModel],
+    aggregator: Aggregator,
+    task_head: ClassifierHead,
+    student_heads: Sequence[StudentHead] | None,
+    meta: dict[str, Any],
+) -> Path:
+    """Write a plan directory; returns its path. ``meta`` holds policy, backbone, figures etc."""
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    files: dict[str, str] = {}
+    sub_entries = []
+    for n, m in enumerate(submodels):
+        name = f"submodel_{n}.safetensors"
+        save_file(_state(m), str(out / name))
+        files[name] = sha256((out / name).read_bytes())
+        sub_entries.append({"file": name, "config": m.config, "feature_dim": m.feature_dim})
+    save_file(_state(aggregator), str(out / "aggregator.safetensors"))
+    files["aggregator.safetensors"] = sha256((out / "aggregator.safetensors").read_bytes())
+    doc = {
+        "format": PLAN_FORMAT,
+        "versions": _versions(),
+        **meta,
+        "submodels": sub_entries,
+        "aggregator": {"file": "aggregator.safetensors", "config": aggregator.config,
+                       "task_head": task_head.config,
+                       "student_heads": [h.config for h in student_heads] if student_heads else None},
+        "sha256": files,
+    }
+    (out / "plan.json").write_text(json.dumps(doc, indent=2, sort_keys=False))
+    return out
+
+
+def _read_verified(path: Path, name: str, expected: str) -> bytes:
+    f = path / name
+    if not f.exists():
+        raise ArtifactError(f"{f} is missing; the plan directory is incomplete — re-run `coformer plan`/`demo`")
+    data = f.read_bytes()
+    actual = sha256(data)
+    if actual != expected:
+        raise ArtifactError(
+            f"{f}: sha256 {actual} does not match plan.json ({expected}); the file is corrupted or "
+            f"was replaced — restore it or re-create the plan"
+        )
+    return data
+
+
+def load_plan(path: str | Path) -> Plan:
+    """Read a plan directory, verifying every file's sha256 against ``plan.json``."""
+    from coformer.registry import create
+
+    root = Path(path)
+    plan_file = root / "plan.json"
+    if not plan_file.exists():
+        raise ArtifactError(f"{plan_file} not found: {root} is not a plan directory")
+    meta = json.loads(plan_file.read_text())
+    hashes = meta["sha256"]
+    artifacts = []
+    for entry in meta["submodels"]:
+        data = _read_verified(root, entry["file"], hashes[entry["file"]])
+        artifacts.append(SubModelArtifact(entry["config"], data, hashes[entry["file"]]))
+    agg_meta = meta["aggregator"]
+    _read_verified(root, agg_meta["file"], hashes[agg_meta["file"]])
+    cfg = agg_meta["config"]
+    task_head = ClassifierHead.from_config(agg_meta["task_head"])
+    students = [StudentHead.from_config(c) for c in agg_meta["student_heads"]] if agg_meta["student_heads"] else None
+    aggregator = create("aggregator", cfg["name"], feature_dims=cfg["feature_dims"], embed_dim=cfg["embed_dim"],
+                        task_head=task_head, student_heads=students, **cfg.get("options", {}))
+    aggregator.load_state_dict(load_file(str(root / agg_meta["file"])))
+    return Plan(root, meta, artifacts, aggregator.eval(), meta.get("figures", {}))

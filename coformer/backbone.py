@@ -1,0 +1,136 @@
+"""The interface a backbone plugin implements: load, shape, importance, slice, task head.
+
+A backbone knows one architecture family. The core never looks inside a model; it only
+calls these methods. See ``plugins/backbones/coformer_backbones/bert.py`` for the pattern.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from coformer.spec import ModelShape, SubModelSpec, UnitSelection
+
+Batch = dict[str, Tensor]
+
+
+@dataclass
+class UnitImportance:
+    """Importance scores for every decomposable unit of a teacher (higher = more important)."""
+
+    layers: Tensor
+    channels: Tensor
+    heads: list[Tensor]
+    mlp: list[Tensor]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {"layers": self.layers.tolist(), "channels": self.channels.tolist(),
+                "heads": [h.tolist() for h in self.heads], "mlp": [m.tolist() for m in self.mlp]}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> UnitImportance:
+        """Inverse of :meth:`to_dict`."""
+        return cls(torch.tensor(data["layers"]), torch.tensor(data["channels"]),
+                   [torch.tensor(h) for h in data["heads"]], [torch.tensor(m) for m in data["mlp"]])
+
+
+class SubModel(nn.Module):
+    """A sliced sub-model: ``forward(**batch)`` returns its feature vector ``[B, feature_dim]``.
+
+    ``config`` is JSON data from which :meth:`Backbone.build_submodel` rebuilds the same
+    architecture; weights travel separately as safetensors.
+    """
+
+    config: dict[str, Any]
+    feature_dim: int
+
+
+class Backbone(ABC):
+    """One architecture family, as a plugin sees it.
+
+    Implementations must obey the exactness rule: ``slice(model, UnitSelection.full(shape))``
+    reproduces ``features(model, batch)``, and a selection that drops heads, MLP neurons or
+    whole layers equals ``features(mask(model, selection), batch)``.
+    """
+
+    name: ClassVar[str] = "backbone"
+    #: What ``prepare`` accepts: "text" (list of str) or "image" (float tensor [B, C, H, W]).
+    modality: ClassVar[str] = "text"
+
+    @abstractmethod
+    def load(self, source: str | Path | None = None, *, num_labels: int | None = None) -> nn.Module:
+        """Load the teacher from a local directory/checkpoint, or the embedded default when ``None``.
+
+        ``num_labels`` attaches a fresh classification task head of that size.
+        """
+
+    @abstractmethod
+    def shape(self, model: nn.Module) -> ModelShape:
+        """The teacher's decomposable dimensions."""
+
+    @abstractmethod
+    def features(self, model: nn.Module, batch: Batch) -> Tensor:
+        """The teacher's feature vector ``[B, d]``: what the task head takes."""
+
+    @abstractmethod
+    def task_head(self, model: nn.Module) -> nn.Module:
+        """The teacher's own task head: features ``[B, d]`` → logits."""
+
+    @abstractmethod
+    def importance(self, model: nn.Module, batch: Batch) -> UnitImportance:
+        """Score every unit (layers, channels, heads, MLP neurons) on a calibration batch."""
+
+    @abstractmethod
+    def slice(self, model: nn.Module, selection: UnitSelection) -> SubModel:
+        """Build a smaller real module holding only the selected units' weights."""
+
+    @abstractmethod
+    def build_submodel(self, config: dict[str, Any]) -> SubModel:
+        """An untrained sub-model with the architecture ``config`` describes (weights loaded after)."""
+
+    @abstractmethod
+    def prepare(self, model: nn.Module, examples: Sequence[Any]) -> Batch:
+        """Turn raw examples (texts or images, per :attr:`modality`) into a model batch."""
+
+    @abstractmethod
+    def tiny(self, *, num_labels: int = 3, seed: int = 0) -> nn.Module:
+        """A small randomly initialised teacher of the exact architecture (for tests)."""
+
+    @abstractmethod
+    def example_batch(self, model: nn.Module, batch_size: int = 2, seed: int = 0) -> Batch:
+        """A valid input batch for ``model`` (for tests and profiling)."""
+
+    @abstractmethod
+    def mask(self, model: nn.Module, selection: UnitSelection) -> nn.Module:
+        """A copy of the teacher with unselected heads/MLP neurons zeroed and unselected layers skipped.
+
+        Channels must all be selected: channel removal has no masking identity.
+        """
+
+    def forward_teacher(self, model: nn.Module, batch: Batch) -> Tensor:
+        """Teacher logits: ``task_head(features)``."""
+        return self.task_head(model)(self.features(model, batch))
+
+    def decompose(
+        self,
+        model: nn.Module,
+        specs: Sequence[SubModelSpec],
+        *,
+        importance: UnitImportance | None = None,
+        batch: Batch | None = None,
+    ) -> list[SubModel]:
+        """Assign units disjointly by importance and slice one sub-model per spec."""
+        from coformer.decompose import assign_units
+
+        if importance is None:
+            if batch is None:
+                raise ValueError("decompose needs either `importance` or a calibration `batch`")
+            importance = self.importance(model, batch)
+        selections = assign_units(self.shape(model), specs, importance)
+        return [self.slice(model, s) for s in selections]

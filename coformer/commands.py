@@ -1,0 +1,1 @@
+"""Core sub-commands (demo, plan, profile, infer, worker, bench) attached to the root CLI group."""

@@ -1,0 +1,123 @@
+"""The interface a transport plugin implements, and the wire encodings every transport shares.
+
+A transport connects the coordinator to one worker by URI (``inproc://name``,
+``grpc://host:port``). Tensors cross the wire as safetensors bytes or raw fp16 bytes with
+shape and dtype — never pickle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlparse
+
+import numpy as np
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from coformer.backbone import Batch
+
+_DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class TransportError(RuntimeError):
+    """A worker could not be reached or answered with an error."""
+
+
+class BadRequestError(ValueError):
+    """A request was malformed; the worker rejected it and stays up."""
+
+
+def sha256(data: bytes) -> str:
+    """Hex sha256 of ``data``."""
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass(frozen=True)
+class SubModelArtifact:
+    """What a worker needs to run one sub-model: its JSON config and safetensors weights."""
+
+    config: dict[str, Any]
+    weights: bytes
+    sha256: str
+
+    @classmethod
+    def from_parts(cls, config: dict[str, Any], weights: bytes) -> SubModelArtifact:
+        """Build an artifact, computing the weights' hash."""
+        return cls(config, weights, sha256(weights))
+
+
+@dataclass
+class InferResult:
+    """One worker's answer: fp16 features and how long it computed."""
+
+    features: torch.Tensor
+    compute_ms: float
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def encode_batch(batch: Batch) -> bytes:
+    """A batch of named tensors as safetensors bytes."""
+    return st_save({k: v.contiguous() for k, v in batch.items()})
+
+
+def decode_batch(data: bytes) -> Batch:
+    """Inverse of :func:`encode_batch`; malformed bytes raise :class:`BadRequestError`."""
+    try:
+        return dict(st_load(data))
+    except Exception as exc:  # noqa: BLE001 - safetensors raises several types
+        raise BadRequestError(f"input is not a valid safetensors batch: {exc}") from exc
+
+
+def encode_features(x: torch.Tensor) -> tuple[bytes, list[int], str]:
+    """Features as fp16 bytes, shape and dtype name."""
+    h = x.detach().to(torch.float16).contiguous().cpu()
+    return h.numpy().tobytes(), list(h.shape), "float16"
+
+
+def decode_features(data: bytes, shape: list[int], dtype: str) -> torch.Tensor:
+    """Inverse of :func:`encode_features`; inconsistent sizes raise :class:`BadRequestError`."""
+    if dtype not in _DTYPES:
+        raise BadRequestError(f"unsupported feature dtype {dtype!r}; expected one of {sorted(_DTYPES)}")
+    t = _DTYPES[dtype]
+    expected = int(np.prod(shape)) * torch.empty((), dtype=t).element_size()
+    if expected != len(data):
+        raise BadRequestError(f"feature bytes ({len(data)}) do not match shape {shape} of {dtype} ({expected})")
+    return torch.frombuffer(bytearray(data), dtype=t).reshape(shape)
+
+
+class WorkerClient(ABC):
+    """A connection from the coordinator to one worker."""
+
+    def __init__(self, uri: str):
+        self.uri = uri
+
+    @abstractmethod
+    def load(self, artifact: SubModelArtifact, *, timeout: float = 60.0) -> bool:
+        """Make the worker hold ``artifact``; returns ``True`` if it already had it (nothing resent)."""
+
+    @abstractmethod
+    def infer(self, model_sha256: str, batch: Batch, *, timeout: float = 10.0) -> InferResult:
+        """Run the loaded sub-model on ``batch``; raises :class:`TransportError` on failure or deadline."""
+
+    @abstractmethod
+    def health(self, *, timeout: float = 2.0) -> dict[str, Any]:
+        """Liveness and what the worker holds."""
+
+    def info(self, *, timeout: float = 2.0) -> dict[str, Any]:
+        """Versions and capabilities of the worker (defaults to :meth:`health`)."""
+        return self.health(timeout=timeout)
+
+    def close(self) -> None:
+        """Release the connection."""
+
+
+def scheme_of(uri: str) -> str:
+    """The URI scheme that selects a transport (``grpc://h:p`` → ``grpc``)."""
+    scheme = urlparse(uri).scheme
+    if not scheme:
+        raise ValueError(f"worker URI {uri!r} has no scheme; use e.g. inproc://name or grpc://127.0.0.1:50051")
+    return scheme
