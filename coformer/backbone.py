@@ -113,6 +113,13 @@ class Backbone(ABC):
         Channels must all be selected: channel removal has no masking identity.
         """
 
+    def save(self, model: nn.Module, path: str | Path) -> Path:
+        """Write the teacher (weights as safetensors, config as JSON) so :meth:`load` reads it back.
+
+        Backbones that cannot save raise :class:`NotImplementedError` naming themselves.
+        """
+        raise NotImplementedError(f"backbone {self.name!r} cannot save teachers")
+
     def forward_teacher(self, model: nn.Module, batch: Batch) -> Tensor:
         """Teacher logits: ``task_head(features)``."""
         return self.task_head(model)(self.features(model, batch))

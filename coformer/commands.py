@@ -1,1 +1,1 @@
-"""Core sub-commands (demo, plan, profile, infer, worker, bench) attached to the root CLI group."""
+"""Core sub-commands attached to the root CLI group; each area keeps its commands in its own module."""
