@@ -1,0 +1,426 @@
+"""``grpc://host:port``: workers on other machines (or network namespaces), over gRPC.
+
+Server side: :class:`WorkerServer` wraps a transport-independent
+:class:`~coformer.runtime.WorkerState` in a thread-pool gRPC server (``coformer worker``).
+Client side: :class:`GrpcClient`, registered for the ``grpc`` scheme.
+
+Security: TLS (server ``tls_cert``/``tls_key``; client ``?tls=1&ca=PATH`` in the URI or the
+``COFORMER_TLS_CA`` environment variable) and a shared token sent as call metadata
+(``COFORMER_TOKEN``), compared in constant time. Every call carries a deadline.
+
+Errors map to gRPC status codes: ``INVALID_ARGUMENT`` for malformed requests,
+``RESOURCE_EXHAUSTED`` for messages over the size limit, ``FAILED_PRECONDITION`` for a model
+the worker does not hold, ``UNAUTHENTICATED`` for a missing or wrong token. The client raises
+:class:`GrpcBadRequestError` (a :class:`~coformer.transport.BadRequestError`) for the first
+two and :class:`GrpcTransportError` (a :class:`~coformer.transport.TransportError`) otherwise,
+each carrying the worker's message and the status ``code``.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import json
+import os
+import platform
+import socket
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+from urllib.parse import parse_qs, urlparse
+
+import grpc
+import torch
+from google.protobuf.message import Message
+
+from coformer.backbone import Batch
+from coformer.hookspecs import Register, hookimpl
+from coformer.runtime import WorkerState
+from coformer.transport import (
+    BadRequestError,
+    InferResult,
+    SubModelArtifact,
+    TransportError,
+    WorkerClient,
+    decode_batch,
+    decode_features,
+    encode_batch,
+    encode_features,
+)
+from coformer_transports.proto import coformer_pb2 as pb
+
+SERVICE = "coformer.v1.Worker"
+#: Default send/receive limit on both sides: sub-model weights are tens of MB.
+DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+TOKEN_METADATA_KEY = "x-coformer-token"
+
+_METHODS: dict[str, tuple[type[Message], type[Message]]] = {
+    "HasModel": (pb.HasModelRequest, pb.HasModelReply),
+    "LoadModel": (pb.LoadModelRequest, pb.LoadModelReply),
+    "Infer": (pb.InferRequest, pb.InferReply),
+    "Health": (pb.HealthRequest, pb.HealthReply),
+    "Info": (pb.InfoRequest, pb.InfoReply),
+}
+
+
+def _channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:
+    return [("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes)]
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class GrpcTransportError(TransportError):
+    """A gRPC call failed (unreachable, deadline, unauthenticated, unknown model, worker fault)."""
+
+    def __init__(self, message: str, code: grpc.StatusCode):
+        super().__init__(message)
+        self.code = code
+
+
+class GrpcBadRequestError(BadRequestError):
+    """The worker rejected the request as malformed or too large; it stays up."""
+
+    def __init__(self, message: str, code: grpc.StatusCode):
+        super().__init__(message)
+        self.code = code
+
+
+class _UnknownModel(Exception):
+    """Raised inside the server for a sha256 the worker does not hold (→ FAILED_PRECONDITION)."""
+
+
+@dataclass(frozen=True)
+class _Malformed:
+    """What the request deserializer returns for bytes that are not a valid message."""
+
+    error: str
+
+
+def _safe_deserializer(cls: type[Message]) -> Callable[[bytes], Message | _Malformed]:
+    # grpc's own handling of a deserializer failure is an opaque INTERNAL status; catching it
+    # here lets the handler answer INVALID_ARGUMENT with the parser's message instead.
+    def deserialize(data: bytes) -> Message | _Malformed:
+        try:
+            return cls.FromString(data)
+        except Exception as exc:  # noqa: BLE001 - DecodeError and friends: the caller's fault
+            return _Malformed(f"{type(exc).__name__}: {exc}")
+
+    return deserialize
+
+
+# --------------------------------------------------------------------------- server
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an IP literal or a name) refers only to this machine."""
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        try:
+            return all(ipaddress.ip_address(info[4][0]).is_loopback
+                       for info in socket.getaddrinfo(host, None))
+        except OSError:
+            return False
+
+
+def split_hostport(address: str) -> tuple[str, int]:
+    """``"127.0.0.1:50051"`` / ``"[::1]:50051"`` → (host, port); raises a clear ValueError."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"address {address!r} must be HOST:PORT, e.g. 127.0.0.1:50051 (port 0 picks a free one)")
+    return host, int(port)
+
+
+class WorkerServer:
+    """A running gRPC worker: a :class:`WorkerState` behind a thread-pool server."""
+
+    def __init__(self, state: WorkerState, *, token: str | None = None,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, max_workers: int = 8):
+        self.state = state
+        self._token = token.encode() if token else None
+        self.max_message_bytes = max_message_bytes
+        self.tls = False
+        self.address = ""
+        self.server = grpc.server(ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="coformer-rpc"),
+                                  options=_channel_options(max_message_bytes),
+                                  maximum_concurrent_rpcs=max(64, 4 * max_workers))
+        handlers = {
+            name: grpc.unary_unary_rpc_method_handler(
+                self._wrap(getattr(self, f"_rpc_{name}")),
+                request_deserializer=_safe_deserializer(req),
+                response_serializer=rep.SerializeToString,
+            )
+            for name, (req, rep) in _METHODS.items()
+        }
+        self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+
+    def bind(self, address: str, *, tls_cert: str | Path | None = None, tls_key: str | Path | None = None) -> str:
+        """Bind ``HOST:PORT`` (port 0 picks a free one); returns the bound ``HOST:PORT``."""
+        host, _ = split_hostport(address)
+        if (tls_cert is None) != (tls_key is None):
+            raise ValueError("TLS needs both a certificate (--tls-cert) and its private key (--tls-key)")
+        if tls_cert is not None and tls_key is not None:
+            creds = grpc.ssl_server_credentials([(Path(tls_key).read_bytes(), Path(tls_cert).read_bytes())])
+            port = self.server.add_secure_port(address, creds)
+            self.tls = True
+        else:
+            port = self.server.add_insecure_port(address)
+        if port == 0:
+            raise OSError(f"could not bind {address}: address in use or not available on this machine")
+        self.address = f"{host}:{port}"
+        return self.address
+
+    def start(self) -> WorkerServer:
+        """Start serving (non-blocking)."""
+        self.server.start()
+        return self
+
+    def stop(self, grace: float | None = 0.5) -> None:
+        """Stop serving; in-flight calls get ``grace`` seconds to finish."""
+        self.server.stop(grace).wait()
+
+    def wait(self) -> None:
+        """Block until the server stops."""
+        self.server.wait_for_termination()
+
+    @property
+    def uri(self) -> str:
+        """The ``grpc://`` URI a client uses to reach this worker (with ``?tls=1`` if TLS)."""
+        return f"grpc://{self.address}" + ("?tls=1" if self.tls else "")
+
+    # -- plumbing
+
+    def _authorised(self, context: grpc.ServicerContext) -> bool:
+        if self._token is None:
+            return True
+        sent = next((v for k, v in context.invocation_metadata() if k == TOKEN_METADATA_KEY), None)
+        if sent is None:
+            return False
+        sent_b = sent.encode() if isinstance(sent, str) else bytes(sent)
+        return hmac.compare_digest(sent_b, self._token)
+
+    def _wrap(self, fn: Callable[[Any], Message]) -> Callable[[Any, grpc.ServicerContext], Message]:
+        def handler(request: Any, context: grpc.ServicerContext) -> Message:
+            if not self._authorised(context):
+                context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                              f"worker {self.state.name}: missing or wrong token "
+                              f"(set COFORMER_TOKEN to the worker's --token)")
+            if isinstance(request, _Malformed):
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"worker {self.state.name}: request is not a valid message: {request.error}")
+            code, message = grpc.StatusCode.OK, ""
+            try:
+                return fn(request)
+            except _UnknownModel as exc:
+                code, message = grpc.StatusCode.FAILED_PRECONDITION, str(exc)
+            except BadRequestError as exc:
+                code, message = grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+            except Exception as exc:  # noqa: BLE001 - report the fault, keep serving
+                code, message = grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}"
+            context.abort(code, f"worker {self.state.name}: {message}")
+            raise AssertionError("unreachable")  # context.abort always raises
+
+        return handler
+
+    # -- the service
+
+    def _rpc_HasModel(self, req: pb.HasModelRequest) -> pb.HasModelReply:
+        return pb.HasModelReply(has=self.state.has(req.sha256))
+
+    def _rpc_LoadModel(self, req: pb.LoadModelRequest) -> pb.LoadModelReply:
+        if len(req.sha256) != 64:
+            raise BadRequestError(f"sha256 must be 64 hex digits, got {req.sha256!r}")
+        if self.state.has(req.sha256):
+            return pb.LoadModelReply(cached=True)
+        if not req.weights:
+            return pb.LoadModelReply(needs_weights=True)
+        try:
+            config = json.loads(req.config_json)
+        except json.JSONDecodeError as exc:
+            raise BadRequestError(f"config_json is not valid JSON: {exc}") from exc
+        if not isinstance(config, dict) or "backbone" not in config:
+            raise BadRequestError("config_json must be a JSON object with a 'backbone' key (a SubModel.config)")
+        cached = self.state.load(config, req.weights, req.sha256)
+        return pb.LoadModelReply(cached=cached)
+
+    def _rpc_Infer(self, req: pb.InferRequest) -> pb.InferReply:
+        if not self.state.has(req.model_sha256):
+            raise _UnknownModel(f"no sub-model with sha256 {req.model_sha256[:12]}… is loaded; call LoadModel first")
+        batch = decode_batch(req.batch)
+        if not batch:
+            raise BadRequestError("input batch is empty; send the model's named input tensors")
+        res = self.state.infer(req.model_sha256, batch)
+        data, shape, dtype = encode_features(res.features)
+        return pb.InferReply(features=data, shape=shape, dtype=dtype, compute_ms=res.compute_ms,
+                             worker=self.state.name)
+
+    def _rpc_Health(self, req: pb.HealthRequest) -> pb.HealthReply:
+        h = self.state.health()
+        return pb.HealthReply(ok=h["ok"], name=h["name"], models=h["models"], requests=h["requests"],
+                              errors=h["errors"])
+
+    def _rpc_Info(self, req: pb.InfoRequest) -> pb.InfoReply:
+        import google.protobuf
+        import coformer
+
+        versions = {"coformer": coformer.__version__, "torch": torch.__version__, "grpc": grpc.__version__,
+                    "protobuf": google.protobuf.__version__, "python": platform.python_version()}
+        return pb.InfoReply(name=self.state.name, versions=versions, models=self.state.health()["models"],
+                            threads=self.state.threads or torch.get_num_threads(),
+                            max_message_bytes=self.max_message_bytes, tls=self.tls, auth=self._token is not None)
+
+
+def serve(listen: str = "127.0.0.1:0", *, name: str | None = None, threads: int | None = None,
+          token: str | None = None, tls_cert: str | Path | None = None, tls_key: str | Path | None = None,
+          allow_remote: bool = False, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+          max_workers: int = 8, state: WorkerState | None = None) -> WorkerServer:
+    """Start a gRPC worker on ``listen`` and return it (running, non-blocking).
+
+    A non-loopback address is refused unless ``allow_remote`` (``coformer worker`` sets it
+    when ``--listen`` names the address explicitly).
+    """
+    host, _ = split_hostport(listen)
+    if not allow_remote and not is_loopback(host):
+        raise ValueError(f"refusing to bind non-loopback address {listen!r} by default; pass it explicitly "
+                         f"with --listen (and prefer --token and --tls-cert/--tls-key off a trusted network)")
+    if threads:
+        torch.set_num_threads(threads)
+    state = state or WorkerState(name or f"worker@{listen}", threads=threads)
+    server = WorkerServer(state, token=token, max_message_bytes=max_message_bytes, max_workers=max_workers)
+    server.bind(listen, tls_cert=tls_cert, tls_key=tls_key)
+    return server.start()
+
+
+# --------------------------------------------------------------------------- client
+
+
+def _flag(value: str | None) -> bool:
+    return (value or "").lower() in {"1", "true", "yes", "on"}
+
+
+class GrpcClient(WorkerClient):
+    """A client for ``grpc://host:port[?tls=1&ca=PATH&server_name=NAME]``.
+
+    ``token`` defaults to ``COFORMER_TOKEN``; TLS is on with ``tls=1`` or when a CA is given
+    (``ca=`` in the URI or ``COFORMER_TLS_CA``); with TLS and no CA the system roots are used.
+    """
+
+    def __init__(self, uri: str, *, token: str | None = None, ca: str | Path | None = None,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
+        super().__init__(uri)
+        parsed = urlparse(uri)
+        if parsed.scheme != "grpc" or not parsed.hostname or parsed.port is None:
+            raise ValueError(f"{uri!r} is not a gRPC worker URI; expected grpc://HOST:PORT")
+        query = {k: v[-1] for k, v in parse_qs(parsed.query).items()}
+        self.target = parsed.netloc
+        self.token = token if token is not None else os.environ.get("COFORMER_TOKEN")
+        ca_path = ca or query.get("ca") or os.environ.get("COFORMER_TLS_CA")
+        self.tls = _flag(query.get("tls")) or _flag(os.environ.get("COFORMER_TLS")) or ca_path is not None
+        options = _channel_options(max_message_bytes)
+        if self.tls:
+            if ca_path is not None and not Path(ca_path).is_file():
+                raise ValueError(f"{uri}: CA certificate {ca_path} not found")
+            roots = Path(ca_path).read_bytes() if ca_path else None
+            if query.get("server_name"):
+                options.append(("grpc.ssl_target_name_override", query["server_name"]))
+            self.channel = grpc.secure_channel(self.target, grpc.ssl_channel_credentials(roots), options=options)
+        else:
+            self.channel = grpc.insecure_channel(self.target, options=options)
+        self._calls = {
+            name: self.channel.unary_unary(f"/{SERVICE}/{name}", request_serializer=req.SerializeToString,
+                                           response_deserializer=rep.FromString)
+            for name, (req, rep) in _METHODS.items()
+        }
+        self._metadata = ((TOKEN_METADATA_KEY, self.token),) if self.token else None
+
+    def _call(self, method: str, request: Message, timeout: float) -> Any:
+        try:
+            return self._calls[method](request, timeout=timeout, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            code = exc.code()
+            details = exc.details() or code.name
+            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                details = f"missed the {timeout:.2f}s deadline"
+            message = f"{self.uri} {method}: {code.name}: {details}"
+            if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED):
+                raise GrpcBadRequestError(message, code) from None
+            raise GrpcTransportError(message, code) from None
+
+    def call_raw(self, method: str, payload: bytes, *, timeout: float = 5.0) -> bytes:
+        """Send raw request bytes to ``method`` (diagnostics and robustness tests); errors as in :meth:`infer`."""
+        fn = self.channel.unary_unary(f"/{SERVICE}/{method}")
+        try:
+            return fn(payload, timeout=timeout, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            code = exc.code()
+            message = f"{self.uri} {method}: {code.name}: {exc.details()}"
+            if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED):
+                raise GrpcBadRequestError(message, code) from None
+            raise GrpcTransportError(message, code) from None
+
+    def wait_ready(self, timeout: float = 10.0) -> None:
+        """Block until the channel connects; raises :class:`TransportError` after ``timeout``."""
+        try:
+            grpc.channel_ready_future(self.channel).result(timeout=timeout)
+        except grpc.FutureTimeoutError:
+            raise GrpcTransportError(f"{self.uri}: no worker answered within {timeout:.1f}s",
+                                     grpc.StatusCode.UNAVAILABLE) from None
+
+    def has(self, digest: str, *, timeout: float = 5.0) -> bool:
+        """Whether the worker holds the sub-model with this sha256."""
+        return bool(self._call("HasModel", pb.HasModelRequest(sha256=digest), timeout).has)
+
+    def load(self, artifact: SubModelArtifact, *, timeout: float = 60.0) -> bool:
+        """Ask first with empty weights; send the weights only if the worker lacks them.
+
+        Returns ``True`` when the worker already held the model (no weights were sent).
+        """
+        config_json = json.dumps(artifact.config)
+        probe = self._call("LoadModel", pb.LoadModelRequest(sha256=artifact.sha256, config_json=config_json),
+                           timeout)
+        if probe.cached:
+            return True
+        reply = self._call("LoadModel", pb.LoadModelRequest(sha256=artifact.sha256, config_json=config_json,
+                                                            weights=artifact.weights), timeout)
+        return bool(reply.cached)
+
+    def infer(self, model_sha256: str, batch: Batch, *, timeout: float = 10.0) -> InferResult:
+        """Run the worker's sub-model on ``batch``; fp16 features come back with the compute time."""
+        reply = self._call("Infer", pb.InferRequest(model_sha256=model_sha256, batch=encode_batch(batch)), timeout)
+        try:
+            features = decode_features(reply.features, list(reply.shape), reply.dtype)
+        except BadRequestError as exc:
+            raise GrpcTransportError(f"{self.uri}: worker sent inconsistent features: {exc}",
+                                     grpc.StatusCode.DATA_LOSS) from None
+        return InferResult(features, reply.compute_ms, {"worker": reply.worker})
+
+    def health(self, *, timeout: float = 2.0) -> dict[str, Any]:
+        """Liveness, loaded models and counters."""
+        r = self._call("Health", pb.HealthRequest(), timeout)
+        return {"ok": r.ok, "name": r.name, "models": list(r.models), "requests": r.requests, "errors": r.errors}
+
+    def info(self, *, timeout: float = 2.0) -> dict[str, Any]:
+        """Versions, loaded models, torch threads, message limit and whether TLS/auth are on."""
+        r = self._call("Info", pb.InfoRequest(), timeout)
+        return {"name": r.name, "versions": dict(r.versions), "models": list(r.models), "threads": r.threads,
+                "max_message_bytes": r.max_message_bytes, "tls": r.tls, "auth": r.auth}
+
+    def close(self) -> None:
+        """Close the channel."""
+        self.channel.close()
+
+
+@hookimpl
+def register_transports(register: Register) -> None:
+    """Register the ``grpc`` scheme."""
+    register("grpc", GrpcClient)
+
+
+__all__ = ["DEFAULT_MAX_MESSAGE_BYTES", "GrpcBadRequestError", "GrpcClient", "GrpcTransportError",
+           "WorkerServer", "is_loopback", "serve", "split_hostport"]

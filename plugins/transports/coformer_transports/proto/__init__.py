@@ -1,0 +1,1 @@
+"""Generated protobuf/gRPC modules for the CoFormer worker service (see coformer.proto, regenerate.py)."""
