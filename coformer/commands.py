@@ -1,1 +1,3 @@
 """Core sub-commands attached to the root CLI group; each area keeps its commands in its own module."""
+
+from coformer import cli_demo  # noqa: F401

@@ -1,0 +1,43 @@
+"""``coformer demo``: the main job on the embedded default, no arguments needed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from coformer.cli import cli, console
+
+
+@cli.command("demo")
+@click.option("--backbone", "backbone_name", default="bert", show_default=True,
+              help="Backbone with an embedded default model (bert, vit, llama).")
+@click.option("--source", default=None, help="Local checkpoint directory instead of the embedded default.")
+@click.option("--plan", "plan_dir", type=click.Path(exists=True, file_okay=False), default=None,
+              help="A `coformer plan` directory whose policy replaces the proportional one.")
+@click.option("--devices", default="jetson-nano,jetson-tx2,orin-nano", show_default=True,
+              help="Built-in device names or a .toml/.json file of device profiles.")
+@click.option("--aggregator", "aggregator_name", default="mlp_fusion", show_default=True)
+@click.option("--weight-rule", type=click.Choice(["boost", "seed"]), default=None,
+              help="Sample-weight update between sub-models (default: the booster's default).")
+@click.option("--epochs", type=int, default=None, help="Calibration epochs per sub-model.")
+@click.option("--out", type=click.Path(file_okay=False), default="coformer-demo", show_default=True,
+              help="Where to write the plan directory.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
+              help="Also write the figures as JSON (keys: teacher, submodels, coformer).")
+@click.option("--seed", type=int, default=0, show_default=True)
+def demo_cmd(backbone_name: str, source: str | None, plan_dir: str | None, devices: str, aggregator_name: str,
+             weight_rule: str | None, epochs: int | None, out: str, json_path: str | None, seed: int) -> None:
+    """Fine-tune, decompose into one sub-model per device, calibrate, aggregate, and compare with the teacher."""
+    from coformer.booster import BoosterConfig
+    from coformer.demo import render, run_demo
+
+    overrides = {k: v for k, v in {"weight_rule": weight_rule, "epochs": epochs}.items() if v is not None}
+    config = BoosterConfig(seed=seed, **overrides)
+    result = run_demo(backbone_name=backbone_name, source=source, plan=plan_dir, devices=devices,
+                      aggregator_name=aggregator_name, config=config, out=out, seed=seed, console=console)
+    render(result, console)
+    if json_path:
+        Path(json_path).write_text(json.dumps(result.to_dict(), indent=2))
+        console.print(f"figures written to {json_path}")

@@ -1,0 +1,209 @@
+"""``coformer demo``: the main job end to end on an embedded default model and data set.
+
+Fine-tune the teacher's task head (cached), decompose into one sub-model per device (sized in
+proportion to device compute, or from a ``coformer plan`` directory), calibrate by progressive
+boosting distillation, train the aggregator, run the test split through an in-process cluster,
+and report teacher / each sub-model / CoFormer side by side.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from coformer import registry
+from coformer.aggregator import Aggregator
+from coformer.artifacts import save_plan, submodel_artifact
+from coformer.booster import BoosterConfig, calibrate, train_aggregator
+from coformer.data import RawDataset, load_bbc_news
+from coformer.decompose import proportional_specs
+from coformer.measure import count_flops, count_params, measure_cost
+from coformer.pipeline import (
+    Figures,
+    accuracy,
+    compute_features,
+    median_latency_ms,
+    prepare_teacher,
+    teacher_figures,
+)
+from coformer.runtime import Coordinator
+from coformer.spec import Policy, resolve_devices, validate
+
+DEFAULT_DEVICES = ("jetson-nano", "jetson-tx2", "orin-nano")
+
+
+class DemoUnavailableError(RuntimeError):
+    """The chosen backbone has no embedded default model; the message says what to pass instead."""
+
+
+def default_dataset(modality: str) -> RawDataset:
+    """The embedded data set for a modality: BBC News for text, Fashion-MNIST for images."""
+    if modality == "text":
+        return load_bbc_news()
+    if modality == "image":
+        from coformer.vision_data import load_fashion_mnist
+
+        return load_fashion_mnist()
+    raise DemoUnavailableError(f"no embedded data set for modality {modality!r}")
+
+
+def load_policy(plan_dir: str | Path) -> Policy:
+    """The policy in a ``coformer plan`` directory's ``plan.json``."""
+    path = Path(plan_dir) / "plan.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: pass a directory written by `coformer plan --out DIR`")
+    doc = json.loads(path.read_text())
+    if "policy" not in doc:
+        raise ValueError(f"{path} has no 'policy' entry; was it written by `coformer plan`?")
+    return Policy.from_dict(doc["policy"])
+
+
+@dataclass
+class DemoResult:
+    """Everything the demo measured, plus where the plan directory went."""
+
+    teacher: Figures
+    submodels: list[Figures]
+    coformer: Figures
+    plan_dir: Path
+    seconds: float
+    meta: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``--json`` document: keys ``teacher``, ``submodels``, ``coformer`` (+ ``meta``)."""
+        return {"teacher": self.teacher.to_dict(), "submodels": [s.to_dict() for s in self.submodels],
+                "coformer": self.coformer.to_dict(), "seconds": round(self.seconds, 1), "meta": self.meta}
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=console, transient=True)
+
+
+def run_demo(
+    *,
+    backbone_name: str = "bert",
+    source: str | None = None,
+    plan: str | Path | None = None,
+    devices: Sequence[str] | str = DEFAULT_DEVICES,
+    aggregator_name: str = "mlp_fusion",
+    config: BoosterConfig | None = None,
+    out: str | Path = "coformer-demo",
+    seed: int = 0,
+    latency_repeats: int = 30,
+    console: Console | None = None,
+) -> DemoResult:
+    """Run the demo flow and return its figures (see module docstring)."""
+    console = console or Console()
+    started = time.perf_counter()
+    torch.manual_seed(seed)
+    backbone = registry.create("backbone", backbone_name)
+    data = default_dataset(backbone.modality)
+    config = config or BoosterConfig(seed=seed)
+
+    with _progress(console) as prog:
+        tasks: dict[str, Any] = {}
+
+        def report(desc: str, done: int, total: int) -> None:
+            if desc not in tasks:
+                tasks[desc] = prog.add_task(desc, total=total)
+            prog.update(tasks[desc], completed=done)
+
+        teacher = prepare_teacher(backbone, data, source=source, seed=seed, progress=report)
+    console.print(f"teacher: {backbone_name} ({'cached' if teacher.cached else 'fine-tuned'} at {teacher.path})")
+
+    shape = backbone.shape(teacher.model)
+    if plan is not None:
+        policy = load_policy(plan)
+    else:
+        profiles = resolve_devices(devices)
+        specs = proportional_specs(shape, [d.gflops for d in profiles])
+        policy = Policy(specs, profiles, {"source": "proportional to device GFLOPS"})
+    one = teacher.test.batch([0])
+    validate(policy.specs, shape, policy.devices)
+
+    calib_batch = teacher.train.batch(range(min(32, len(teacher.train))))
+    importance = backbone.importance(teacher.model, calib_batch)
+    submodels = backbone.decompose(teacher.model, policy.specs, importance=importance)
+    costs = [measure_cost(m, one) for m in submodels]
+    validate(policy.specs, shape, policy.devices, costs)  # C5/C6 on the real sliced modules
+
+    result = calibrate(backbone, teacher.model, submodels, teacher.train, config=config,
+                       teacher_labels=teacher.train_logits.argmax(-1))
+    submodels, students = result.submodels, result.student_heads
+
+    feats = {
+        split: [compute_features(lambda b, m=m: m(**b), getattr(teacher, split)) for m in submodels]
+        for split in ("train", "test")
+    }
+    task_head = backbone.task_head(teacher.model)
+    aggregator: Aggregator = registry.create(
+        "aggregator", aggregator_name, feature_dims=[m.feature_dim for m in submodels],
+        embed_dim=shape.embed_dim, task_head=task_head, student_heads=students)
+    train_aggregator(aggregator, feats["train"], teacher.train.labels, config=config,
+                     teacher_labels=teacher.train_logits.argmax(-1))
+    aggregator.eval()
+
+    labels = teacher.test.labels
+    t_fig = teacher_figures(backbone, teacher, one, latency_repeats)
+    sub_figs = []
+    for n, (m, head) in enumerate(zip(submodels, students)):
+        with torch.inference_mode():
+            acc = accuracy(head(feats["test"][n]), labels)
+        fwd = lambda m=m, head=head: head(m(**one))  # noqa: E731
+        sub_figs.append(Figures(f"sub-model {n} ({policy.devices[n].name})", acc, costs[n].params,
+                                float(count_flops(fwd)), median_latency_ms(fwd, repeats=latency_repeats),
+                                {"device": policy.devices[n].name, "spec": policy.specs[n].to_dict()}))
+    with torch.inference_mode():
+        co_acc = accuracy(aggregator(feats["test"]), labels)
+
+    from coformer_transports import inprocess
+
+    uris = [f"inproc://demo-{n}" for n in range(len(submodels))]
+    clients = [registry.create("transport", "inproc", uri=u) for u in uris]
+    coord = Coordinator.deploy(clients, [submodel_artifact(m) for m in submodels], aggregator,
+                               names=[d.name for d in policy.devices])
+    co_latency = median_latency_ms(lambda: coord.infer(one), repeats=latency_repeats)
+    coord.close()
+    for u in uris:
+        inprocess.shutdown(u.removeprefix("inproc://"))
+    agg_flops = float(count_flops(lambda: aggregator([f[:1] for f in feats["test"]])))
+    co_fig = Figures("CoFormer", co_acc, sum(c.params for c in costs) + count_params(aggregator),
+                     sum(c.flops for c in costs) + agg_flops, co_latency,
+                     {"aggregator": aggregator_name, "weight_rule": config.weight_rule})
+
+    meta = {"backbone": backbone_name, "dataset": data.name, "classes": data.classes,
+            "test_size": len(labels), "policy": policy.to_dict(), "seed": seed,
+            "booster": {k: str(v) for k, v in vars(config).items()}}
+    plan_dir = save_plan(out, submodels=submodels, aggregator=aggregator, task_head=task_head,
+                         student_heads=students,
+                         meta={"backbone": backbone_name, "source": source, "policy": policy.to_dict(),
+                               "selections": None, "importance": None,
+                               "figures": {"teacher": t_fig.to_dict(), "submodels": [s.to_dict() for s in sub_figs],
+                                           "coformer": co_fig.to_dict()}})
+    return DemoResult(t_fig, sub_figs, co_fig, plan_dir, time.perf_counter() - started, meta)
+
+
+def render(result: DemoResult, console: Console) -> None:
+    """Print the demo's side-by-side table."""
+    table = Table(title=f"CoFormer demo — {result.meta['backbone']} on {result.meta['dataset']} "
+                        f"(test split, {result.meta['test_size']} samples)")
+    for col in ("model", "accuracy %", "params (M)", "GFLOPs", "median latency (ms)"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    rows = [result.teacher, *result.submodels, result.coformer]
+    for fig in rows:
+        style = "bold green" if fig is result.coformer else None
+        table.add_row(fig.name, f"{fig.accuracy:.2f}", f"{fig.params / 1e6:.2f}", f"{fig.flops / 1e9:.3f}",
+                      f"{fig.latency_ms:.1f}", style=style)
+    console.print(table)
+    console.print(f"plan directory: {result.plan_dir}   total time: {result.seconds:.0f} s")
+    console.print("[dim]Latency is batch 1 on this machine, in-process; CoFormer runs its sub-models "
+                  "concurrently on the same cores, so see `coformer bench` for the emulated cluster.[/dim]")

@@ -1,0 +1,179 @@
+"""The offline flow end to end: teacher → decompose → calibrate → aggregate → measure → package.
+
+Used by ``coformer demo`` and by scripts in ``examples/``; each step is a plain function so
+ablations can swap one piece (aggregator, weight rule, policy) and keep the rest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from coformer.backbone import Backbone, Batch, SubModel
+from coformer.data import RawDataset, RawSplit, TensorDataset
+from coformer.heads import ClassifierHead
+from coformer.measure import count_flops, count_params
+
+
+def cache_dir() -> Path:
+    """Where fine-tuned teachers are cached: ``$COFORMER_CACHE`` or ``$XDG_CACHE_HOME/coformer``."""
+    env = os.environ.get("COFORMER_CACHE")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "coformer"
+
+
+def encode(backbone: Backbone, model: nn.Module, split: RawSplit, batch_size: int = 256) -> TensorDataset:
+    """Turn a raw split into model-ready tensors with ``backbone.prepare``."""
+    parts: list[Batch] = []
+    for start in range(0, len(split.examples), batch_size):
+        parts.append(backbone.prepare(model, split.examples[start:start + batch_size]))
+    inputs = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    return TensorDataset(inputs, torch.tensor(split.labels, dtype=torch.long))
+
+
+@torch.inference_mode()
+def compute_features(fn: Callable[[Batch], Tensor], data: TensorDataset, batch_size: int = 64,
+                     progress: Callable[[int], None] | None = None) -> Tensor:
+    """``fn(batch)`` over the whole dataset in order, concatenated (``[M, d]``)."""
+    outs = []
+    for idx, batch in data.batches(batch_size):
+        outs.append(fn(batch).float())
+        if progress:
+            progress(len(idx))
+    return torch.cat(outs)
+
+
+def accuracy(logits: Tensor, labels: Tensor) -> float:
+    """Top-1 accuracy in percent."""
+    return float((logits.argmax(-1) == labels).float().mean() * 100)
+
+
+def fit_head(head: ClassifierHead, features: Tensor, labels: Tensor, *, epochs: int = 300, lr: float = 1e-2,
+             weight_decay: float = 1e-4, seed: int = 0) -> ClassifierHead:
+    """Train a task head on frozen features (full-batch AdamW; deterministic given ``seed``)."""
+    torch.manual_seed(seed)
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+    head.train()
+    for _ in range(epochs):
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(head(features), labels)
+        loss.backward()
+        opt.step()
+    return head.eval()
+
+
+def _dataset_key(data: RawDataset, extra: dict[str, Any]) -> str:
+    h = hashlib.sha256(json.dumps({"name": data.name, "classes": data.classes, "n": len(data.train.labels),
+                                   **extra}, sort_keys=True).encode())
+    return h.hexdigest()[:12]
+
+
+@dataclass
+class Teacher:
+    """A teacher ready for decomposition, with its features on each split computed once."""
+
+    model: nn.Module
+    path: Path
+    cached: bool
+    train: TensorDataset
+    val: TensorDataset
+    test: TensorDataset
+    train_logits: Tensor
+    val_logits: Tensor
+    test_logits: Tensor
+
+
+def prepare_teacher(backbone: Backbone, data: RawDataset, *, source: str | None = None, seed: int = 0,
+                    cache: Path | None = None, progress: Callable[[str, int, int], None] | None = None) -> Teacher:
+    """Load the teacher, fine-tune its task head on ``data`` (cached; reused next time), encode the splits.
+
+    The encoder is kept frozen: the head is fitted on its features. The fine-tuned teacher is
+    saved with ``backbone.save`` under the cache directory keyed by backbone, source and data.
+    """
+    key = _dataset_key(data, {"backbone": backbone.name, "source": str(source), "seed": seed})
+    path = (cache or cache_dir()) / "teachers" / f"{backbone.name}-{data.name}-{key}"
+    cached = (path / "coformer_teacher.json").exists()
+    model = backbone.load(path if cached else source, num_labels=None if cached else len(data.classes))
+    model.eval()
+    splits = {name: encode(backbone, model, getattr(data, name)) for name in ("train", "val", "test")}
+    feats = {}
+    for name, ds in splits.items():
+        done = [0]
+
+        def tick(n: int, _name: str = name, _total: int = len(ds)) -> None:
+            done[0] += n
+            if progress:
+                progress(f"teacher features ({_name})", done[0], _total)
+
+        feats[name] = compute_features(lambda b: backbone.features(model, b), ds, progress=tick)
+    head = backbone.task_head(model)
+    if not cached:
+        fit_head(head, feats["train"], splits["train"].labels, seed=seed)
+        path.mkdir(parents=True, exist_ok=True)
+        backbone.save(model, path)
+        (path / "coformer_teacher.json").write_text(json.dumps(
+            {"backbone": backbone.name, "source": str(source), "dataset": data.name, "classes": data.classes,
+             "seed": seed, "val_accuracy": accuracy(head(feats["val"]), splits["val"].labels)}, indent=2))
+    with torch.inference_mode():
+        logits = {name: head(f) for name, f in feats.items()}
+    return Teacher(model, path, cached, splits["train"], splits["val"], splits["test"],
+                   logits["train"], logits["val"], logits["test"])
+
+
+def median_latency_ms(fn: Callable[[], Any], *, warmup: int = 3, repeats: int = 20) -> float:
+    """Median wall time of ``fn()`` in ms after ``warmup`` calls."""
+    with torch.inference_mode():
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+@dataclass
+class Figures:
+    """Accuracy, size, FLOPs and latency of one method (what the demo table shows)."""
+
+    name: str
+    accuracy: float
+    params: int
+    flops: float
+    latency_ms: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {"name": self.name, "accuracy": round(self.accuracy, 2), "params": self.params,
+                "flops": self.flops, "latency_ms": round(self.latency_ms, 3), **self.extra}
+
+
+def submodel_flops(model: SubModel, batch: Batch) -> float:
+    """FLOPs of one forward of ``model`` on ``batch``."""
+    return float(count_flops(lambda: model(**batch)))
+
+
+def teacher_figures(backbone: Backbone, teacher: Teacher, one: Batch, repeats: int) -> Figures:
+    """Accuracy on the test split, parameters, FLOPs and median latency of the teacher at batch 1."""
+    model = teacher.model
+    fwd = lambda: backbone.forward_teacher(model, one)  # noqa: E731
+    return Figures("teacher", accuracy(teacher.test_logits, teacher.test.labels), count_params(model),
+                   float(count_flops(fwd)), median_latency_ms(fwd, repeats=repeats))
+
+
+def params_of(modules: Sequence[nn.Module]) -> int:
+    """Total parameters of several modules."""
+    return sum(count_params(m) for m in modules)
