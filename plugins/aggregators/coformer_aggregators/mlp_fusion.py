@@ -1,0 +1,56 @@
+"""``mlp_fusion``: the seed's aggregation module (eq. 2), X_agg = Pool(W · Concat(X_1..X_N) + b).
+
+Missing devices are zero-filled in the concatenation, so the module is meant to be trained
+with random device drop-out (:func:`coformer.aggregator.drop_devices`) to degrade gracefully.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from coformer.aggregator import Aggregator, Features
+from coformer.heads import ClassifierHead, StudentHead
+from coformer.hookspecs import Register, hookimpl
+from coformer_aggregators._common import as_dtype, check_features, head_copy, pool_tokens
+
+
+class MLPFusionAggregator(Aggregator):
+    """Concatenate (missing → zeros), Linear(Σ d_n → d), mean-pool tokens, then a copy of the task head.
+
+    Features may be ``[B, d_n]`` or ``[B, T, d_n]``. Because the linear map is affine and
+    Pool is a mean, Pool(W·X + b) = W·Pool(X) + b; tokens are therefore pooled per sub-model
+    first, which also allows sub-models with different token counts.
+    """
+
+    name = "mlp_fusion"
+    trainable = True
+
+    def __init__(self, feature_dims: Sequence[int], embed_dim: int, task_head: ClassifierHead,
+                 student_heads: Sequence[StudentHead] | None = None, **options: Any):
+        if options:
+            raise TypeError(f"mlp_fusion takes no options, got {sorted(options)}")
+        super().__init__(feature_dims, embed_dim, task_head, student_heads)
+        self.fuse = nn.Linear(sum(self.feature_dims), self.embed_dim)
+        self.head = head_copy(task_head)
+
+    def fused(self, features: Features) -> Tensor:
+        """The aggregated feature vector ``X_agg`` ``[B, d]`` (before the task head)."""
+        present = set(check_features(self, features))
+        b = self.batch_size(features)
+        ref = self.fuse.weight
+        parts = [as_dtype(self.fuse, pool_tokens(f)) if i in present
+                 else ref.new_zeros(b, d) for i, (f, d) in enumerate(zip(features, self.feature_dims))]
+        return self.fuse(torch.cat(parts, dim=-1))
+
+    def forward(self, features: Features) -> Tensor:
+        """Logits ``[B, num_labels]``."""
+        return self.head(self.fused(features))
+
+
+@hookimpl
+def register_aggregators(register: Register) -> None:
+    """Register ``mlp_fusion``."""
+    register("mlp_fusion", MLPFusionAggregator)
