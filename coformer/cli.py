@@ -44,3 +44,7 @@ def build_cli() -> click.Group:
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``coformer`` script."""
     build_cli()(args=argv if argv is not None else sys.argv[1:], prog_name="coformer")
+
+
+if __name__ == "__main__":
+    main()
