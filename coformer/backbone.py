@@ -51,6 +51,33 @@ class SubModel(nn.Module):
     feature_dim: int
 
 
+class TensorParallelHost(nn.Module):
+    """The coordinator's part of a tensor-parallel split (returned by :meth:`Backbone.tensor_host`).
+
+    The coordinator embeds the input, then for every layer and every phase (e.g. attention,
+    then MLP) sends the hidden state to each shard, sums their partial outputs and calls
+    :meth:`combine` (residual, bias, normalisation); finally :meth:`pool` gives the features.
+    """
+
+    #: Layers to run, each in ``phases`` partial-sum rounds.
+    num_layers: int
+    phases: int
+    #: Batch keys every shard call needs besides ``hidden_states``, ``layer`` and ``phase``.
+    shard_inputs: tuple[str, ...]
+
+    def embed(self, batch: Batch) -> Tensor:
+        """The hidden state entering layer 0."""
+        raise NotImplementedError
+
+    def combine(self, layer: int, phase: int, hidden: Tensor, partial: Tensor) -> Tensor:
+        """The hidden state after ``phase`` of ``layer``, given the shards' summed partial output."""
+        raise NotImplementedError
+
+    def pool(self, hidden: Tensor, batch: Batch) -> Tensor:
+        """Features ``[B, d]`` from the last hidden state (what the task head takes)."""
+        raise NotImplementedError
+
+
 class Backbone(ABC):
     """One architecture family, as a plugin sees it.
 
@@ -119,6 +146,33 @@ class Backbone(ABC):
         Backbones that cannot save raise :class:`NotImplementedError` naming themselves.
         """
         raise NotImplementedError(f"backbone {self.name!r} cannot save teachers")
+
+    # -- optional: baselines (pipeline and tensor-parallel splits) ---------------------------------
+
+    def pipeline_stage(self, model: nn.Module, layers: Sequence[int], *, first: bool, last: bool) -> SubModel:
+        """One stage of a pipeline split: the teacher's ``layers`` (ascending), unchanged.
+
+        The first stage takes the model batch and embeds it; later stages take
+        ``hidden_states`` plus the batch keys listed in ``config["stage_inputs"]``. The last
+        stage returns the features ``[B, d]``; the others return hidden states. Backbones that
+        cannot be pipelined raise :class:`NotImplementedError` (the default).
+        """
+        raise NotImplementedError(f"backbone {self.name!r} has no pipeline stages")
+
+    def tensor_shard(self, model: nn.Module, heads: Sequence[Sequence[int]],
+                     neurons: Sequence[Sequence[int]]) -> SubModel:
+        """One device's share of a tensor-parallel split: per layer, these heads and MLP neurons.
+
+        ``forward(hidden_states, layer, phase, **shard_inputs)`` (``layer``/``phase`` as integer
+        tensors) returns this device's partial sum for that phase of that layer, without bias:
+        the shards' outputs add up to the layer's full projection. An empty list of units for a
+        layer gives a zero partial. The default raises :class:`NotImplementedError`.
+        """
+        raise NotImplementedError(f"backbone {self.name!r} has no tensor-parallel shards")
+
+    def tensor_host(self, model: nn.Module) -> TensorParallelHost:
+        """The coordinator's side of a tensor-parallel split (embedding, combine, pooling)."""
+        raise NotImplementedError(f"backbone {self.name!r} has no tensor-parallel host")
 
     def forward_teacher(self, model: nn.Module, batch: Batch) -> Tensor:
         """Teacher logits: ``task_head(features)``."""
