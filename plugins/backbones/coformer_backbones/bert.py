@@ -31,6 +31,7 @@ from coformer.backbone import Backbone, Batch, SubModel, UnitImportance
 from coformer.heads import ClassifierHead
 from coformer.hookspecs import Register, hookimpl
 from coformer.spec import ModelShape, UnitSelection
+from coformer_backbones.bert_parallel import PARALLEL_KINDS, BertParallelMixin, build_parallel
 
 HEAD_WEIGHTS = "coformer_head.safetensors"
 HEAD_CONFIG = "coformer_head.json"
@@ -212,7 +213,7 @@ def _inputs(batch: Batch) -> dict[str, Tensor]:
     return {k: batch[k] for k in INPUT_KEYS if k in batch and batch[k] is not None}
 
 
-class BertBackbone(Backbone):
+class BertBackbone(BertParallelMixin, Backbone):
     """BERT-family encoders: all-MiniLM-L6-v2 by default, any local HF BERT directory otherwise."""
 
     name = "bert"
@@ -495,6 +496,8 @@ class BertBackbone(Backbone):
         """An untrained :class:`CompactBert` with the architecture ``config`` describes."""
         if config.get("backbone") != self.name:
             raise ValueError(f"sub-model config is for backbone {config.get('backbone')!r}, not {self.name!r}")
+        if config.get("kind") in PARALLEL_KINDS:  # pipeline stages / tensor shards (baselines)
+            return build_parallel(config)
         missing = {"vocab_size", "max_position_embeddings", "type_vocab_size", "embed_dim", "head_dim",
                    "heads", "mlp", "layer_norm_eps", "hidden_act"} - set(config)
         if missing:
