@@ -1,0 +1,269 @@
+"""``coformer worker`` (serve one device), ``coformer infer`` (coordinate a plan) and ``coformer testbed``."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any, Sequence
+
+import click
+from click.core import ParameterSource
+
+from coformer.cli import cli, console
+
+
+@cli.command("worker")
+@click.option("--listen", default="127.0.0.1:50051", show_default=True,
+              help="HOST:PORT to bind (port 0 picks a free one). Loopback unless you name another address here.")
+@click.option("--threads", type=int, default=None, help="torch threads for the sub-model (default: torch's).")
+@click.option("--name", default=None, help="Worker name reported to the coordinator (default: worker@ADDRESS).")
+@click.option("--token", envvar="COFORMER_TOKEN", default=None,
+              help="Shared secret every call must carry (or set COFORMER_TOKEN).")
+@click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False), default=None, help="PEM certificate.")
+@click.option("--tls-key", type=click.Path(exists=True, dir_okay=False), default=None, help="PEM private key.")
+@click.option("--max-message-mb", type=int, default=256, show_default=True,
+              help="Largest request/response accepted, in MiB (sub-model weights are tens of MB).")
+@click.option("--rpc-threads", type=int, default=8, show_default=True, help="Concurrent requests served.")
+@click.pass_context
+def worker_cmd(ctx: click.Context, listen: str, threads: int | None, name: str | None, token: str | None,
+               tls_cert: str | None, tls_key: str | None, max_message_mb: int, rpc_threads: int) -> None:
+    """Serve sub-models over gRPC until interrupted; prints the bound grpc:// address."""
+    from coformer_transports.grpc_transport import is_loopback, serve, split_hostport
+
+    explicit = ctx.get_parameter_source("listen") is not ParameterSource.DEFAULT
+    try:
+        host, _ = split_hostport(listen)
+        server = serve(listen, name=name, threads=threads, token=token, tls_cert=tls_cert, tls_key=tls_key,
+                       allow_remote=explicit, max_message_bytes=max_message_mb * 1024 * 1024,
+                       max_workers=rpc_threads)
+    except (ValueError, OSError) as exc:
+        raise click.UsageError(str(exc)) from exc
+    missing = [what for what, given in (("a token", token), ("TLS", tls_cert)) if not given]
+    if not is_loopback(host) and missing:
+        click.echo(f"warning: {listen} is reachable from other machines without {' and '.join(missing)}; "
+                   f"use it only on a trusted network", err=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    click.echo(f"coformer worker {server.state.name} listening on {server.uri} "
+               f"(threads={threads or 'default'}, tls={'on' if server.tls else 'off'}, "
+               f"token={'on' if token else 'off'})", nl=True)
+    sys.stdout.flush()
+    try:
+        while not stop.wait(0.5):
+            pass
+    except KeyboardInterrupt:
+        pass
+    server.stop(1.0)
+
+
+def _load_input(plan: Any, input_file: str | None, texts: Sequence[str]) -> dict[str, Any]:
+    """The request batch: a safetensors batch file, or texts tokenised by the plan's backbone."""
+    from coformer.transport import decode_batch
+
+    if input_file:
+        return decode_batch(Path(input_file).read_bytes())
+    if not texts:
+        raise click.UsageError("give the input: --input FILE (a safetensors batch) or --text '...' (repeatable)")
+    backbone_meta = plan.meta.get("backbone")
+    name = backbone_meta.get("name") if isinstance(backbone_meta, dict) else backbone_meta
+    name = name or plan.artifacts[0].config.get("backbone")
+    source = (backbone_meta.get("source") if isinstance(backbone_meta, dict) else None) or plan.meta.get("source")
+    import coformer
+
+    backbone = coformer.create_backbone(name)
+    if backbone.modality != "text":
+        raise click.UsageError(f"backbone {name!r} takes {backbone.modality} input; pass --input FILE instead")
+    teacher = backbone.load(source)
+    return backbone.prepare(teacher, list(texts))
+
+
+def _labels(plan: Any) -> list[str] | None:
+    """Class names recorded in the plan, if any (top level or under ``data``/``dataset``)."""
+    sources = [plan.meta] + [plan.meta[k] for k in ("data", "dataset") if isinstance(plan.meta.get(k), dict)]
+    for src in sources:
+        for key in ("labels", "class_names", "classes"):
+            if isinstance(src.get(key), list):
+                return [str(v) for v in src[key]]
+    return None
+
+
+def deploy(plan: Any, uris: Sequence[str], *, timeout: float = 120.0) -> tuple[list[Any], dict[str, str]]:
+    """Open a client per URI and load each plan sub-model on its worker (cached by sha256).
+
+    Returns the clients and ``{uri: error}`` for workers that could not be loaded (they are
+    kept so each request names them as missing).
+    """
+    import coformer
+
+    if len(uris) != len(plan.artifacts):
+        raise click.UsageError(f"the plan has {len(plan.artifacts)} sub-models but {len(uris)} workers were given; "
+                               f"pass one URI per sub-model, in order")
+    clients, failed = [], {}
+    for uri, art in zip(uris, plan.artifacts):
+        client = coformer.open_transport(uri)
+        try:
+            cached = client.load(art, timeout=timeout)
+            click.echo(f"deployed {art.sha256[:12]}… to {uri} ({'cached, nothing sent' if cached else 'sent'})",
+                       err=True)
+        except Exception as exc:  # noqa: BLE001 - a lost worker is left out, not fatal
+            failed[uri] = f"{type(exc).__name__}: {exc}"
+            click.echo(f"deploy to {uri} failed: {failed[uri]}", err=True)
+        clients.append(client)
+    if len(failed) == len(uris):
+        raise click.ClickException("no worker accepted its sub-model; nothing can answer")
+    return clients, failed
+
+
+def answer_record(answer: Any, labels: list[str] | None) -> dict[str, Any]:
+    """A JSON-ready record of one coordinator answer."""
+    pred = answer.logits.argmax(-1).tolist()
+
+    def num(x: float) -> float | None:
+        return None if math.isnan(x) else round(x, 3)
+
+    return {
+        "prediction": pred, "labels": [labels[p] for p in pred] if labels else None,
+        "answered": answer.answered, "missing": answer.missing, "errors": answer.errors,
+        "devices": [{"device": t.device, "t1_ms": num(t.t1_compute_ms), "t2_ms": num(t.t2_transfer_ms),
+                     "round_trip_ms": num(t.round_trip_ms), "ok": t.ok} for t in answer.timings],
+        "t3_ms": round(answer.t3_aggregate_ms, 3), "total_ms": round(answer.total_ms, 3),
+    }
+
+
+@cli.command("infer")
+@click.option("--plan", "plan_dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Plan directory (plan.json + safetensors); hashes are verified.")
+@click.option("--workers", required=True, help="Comma-separated worker URIs, one per sub-model, in order.")
+@click.option("--input", "input_file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Input batch as a safetensors file of named tensors.")
+@click.option("--text", "texts", multiple=True, help="Input text (repeatable; one batch row each).")
+@click.option("--repeat", type=int, default=1, show_default=True, help="Send the request this many times.")
+@click.option("--deadline", type=float, default=10.0, show_default=True,
+              help="Seconds to wait for each worker; late ones are left out and named.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON record per request on stdout.")
+def infer_cmd(plan_dir: str, workers: str, input_file: str | None, texts: tuple[str, ...], repeat: int,
+              deadline: float, as_json: bool) -> None:
+    """Deploy a plan to workers and answer requests, with the t1/t2/t3 breakdown per device."""
+    from coformer.artifacts import ArtifactError, load_plan
+    from coformer.runtime import Coordinator
+
+    try:
+        plan = load_plan(plan_dir)
+    except ArtifactError as exc:
+        raise click.ClickException(str(exc)) from exc
+    uris = [u.strip() for u in workers.split(",") if u.strip()]
+    batch = _load_input(plan, input_file, texts)
+    clients, _ = deploy(plan, uris)
+    labels = _labels(plan)
+    coord = Coordinator(clients, [a.sha256 for a in plan.artifacts], plan.aggregator, names=uris, deadline_s=deadline)
+    failures = 0
+    try:
+        for i in range(repeat):
+            try:
+                answer = coord.infer(batch)
+            except Exception as exc:  # noqa: BLE001 - e.g. nobody answered
+                failures += 1
+                click.echo(f"request {i}: no answer: {exc}", err=True)
+                continue
+            rec = answer_record(answer, labels)
+            if as_json:
+                click.echo(json.dumps({"request": i, **rec}))
+            else:
+                _print_answer(i, rec)
+    finally:
+        coord.close()
+    if failures:
+        raise SystemExit(1)
+
+
+def _print_answer(i: int, rec: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    shown = rec["labels"] or rec["prediction"]
+    status = "[yellow]degraded[/yellow]" if rec["missing"] else "complete"
+    table = Table(title=f"request {i}: answer {shown} ({status}, total {rec['total_ms']:.1f} ms, "
+                        f"t3 {rec['t3_ms']:.2f} ms)")
+    for col in ("device", "answered", "t1 compute ms", "t2 transfer ms", "round trip ms", "error"):
+        table.add_column(col)
+    for d in rec["devices"]:
+        err = rec["errors"].get(d["device"], "")
+        table.add_row(d["device"], "yes" if d["ok"] else "[red]no[/red]", _fmt(d["t1_ms"]), _fmt(d["t2_ms"]),
+                      _fmt(d["round_trip_ms"]), err)
+    console.print(table)
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
+@cli.group("testbed")
+def testbed_group() -> None:
+    """An emulated cluster on this machine: workers in network namespaces, shaped links, CPU quotas (root)."""
+
+
+_STATE_OPT = click.option("--state", "state_file", type=click.Path(dir_okay=False),
+                          default=lambda: os.environ.get("COFORMER_TESTBED_STATE", "/run/coformer/testbed.json"),
+                          show_default="/run/coformer/testbed.json or $COFORMER_TESTBED_STATE",
+                          help="JSON file recording what `up` created.")
+
+
+@testbed_group.command("up")
+@click.option("--devices", default="jetson-tx2,orin-nano,jetson-nano", show_default=True,
+              help="Comma-separated built-in device profiles, one worker each.")
+@click.option("--rate", "rates", default="1000mbit", show_default=True,
+              help="Link rate for all workers, or comma-separated one per worker (2mbit, 100mbit, 500mbit, 1000mbit).")
+@click.option("--cores", type=float, default=1.0, show_default=True, help="CPUs given to the strongest device.")
+@click.option("--port", type=int, default=50051, show_default=True)
+@click.option("--prefix", default="cf", show_default=True, help="Name prefix for namespaces, links and cgroups.")
+@click.option("--subnet", type=int, default=213, show_default=True, help="Workers get 10.SUBNET.i.2.")
+@click.option("--token", envvar="COFORMER_TOKEN", default=None, help="Shared token for every worker.")
+@_STATE_OPT
+def testbed_up(devices: str, rates: str, cores: float, port: int, prefix: str, subnet: int, token: str | None,
+               state_file: str) -> None:
+    """Create the namespaces, shaped veth links, cgroups and workers; print their URIs."""
+    from coformer.testbed import TestbedError, up
+
+    try:
+        bed = up([d.strip() for d in devices.split(",")], [r.strip() for r in rates.split(",")], prefix=prefix,
+                 state_file=state_file, subnet=subnet, cores=cores, token=token, port=port)
+    except (TestbedError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    for w in bed.workers:
+        console.print(f"{w.name}: {w.device} at {w.uri}, link {w.rate}, cpu {w.quota_us / w.period_us:.3f} "
+                      f"cores, {w.threads} thread(s), pid {w.pid}")
+    click.echo("--workers " + ",".join(bed.uris))
+
+
+@testbed_group.command("down")
+@_STATE_OPT
+def testbed_down(state_file: str) -> None:
+    """Stop the workers and remove every namespace, link, qdisc and cgroup `up` created."""
+    from coformer.testbed import TestbedError, down
+
+    try:
+        down(state_file)
+    except TestbedError as exc:
+        raise click.ClickException(str(exc)) from exc
+    console.print("testbed removed; nothing left behind")
+
+
+@testbed_group.command("status")
+@_STATE_OPT
+def testbed_status(state_file: str) -> None:
+    """Each worker's device, link, CPU quota, process and health."""
+    from coformer.testbed import TestbedError, status
+
+    try:
+        rows = status(state_file)
+    except TestbedError as exc:
+        raise click.ClickException(str(exc)) from exc
+    for r in rows:
+        h = r["health"]
+        state = f"ok, models {len(h['models'])}, requests {h['requests']}" if h.get("ok") else h.get("error")
+        console.print(f"{r['name']}: {r['device']} {r['uri']} link {r['rate']} cpu {r['cpu']} "
+                      f"pid {r['pid']} {'alive' if r['alive'] else 'dead'}: {state}")
