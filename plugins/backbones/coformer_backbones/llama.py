@@ -120,7 +120,7 @@ class LlamaBackbone(HFBackbone):
     def _tiny_hf(self) -> nn.Module:
         from transformers import LlamaConfig, LlamaForCausalLM
 
-        config = LlamaConfig(vocab_size=100, hidden_size=48, intermediate_size=64, num_hidden_layers=3,
+        config = LlamaConfig(vocab_size=100, hidden_size=36, intermediate_size=64, num_hidden_layers=3,
                              num_attention_heads=9, num_key_value_heads=3, head_dim=8,
                              max_position_embeddings=64, tie_word_embeddings=True,
                              bos_token_id=1, eos_token_id=2, pad_token_id=0)
