@@ -1,0 +1,456 @@
+"""The methods CoFormer is compared with, run over the same transport (:class:`~coformer.transport.WorkerClient`).
+
+* :class:`TeacherAlone` — the whole teacher as one sub-model on the strongest device; its task
+  head runs at the coordinator.
+* :class:`PipelineSplit` — the teacher's layers cut into consecutive stages, one per device,
+  sized in proportion to device speed and run in sequence. Hidden states travel device → device
+  *through the coordinator*: stage n's output comes back to the coordinator, which sends it to
+  stage n+1. On a star network (the emulated testbed: every device has its own link to the
+  central node) that is exactly the path a device-to-device transfer takes, crossing the sender's
+  link and then the receiver's.
+* :class:`TensorParallelSplit` — Megatron/Galaxy style: every layer's heads and MLP neurons split
+  across devices in proportion to speed. For every layer the coordinator sends the hidden state
+  to every device twice (attention, then MLP), sums the partial outputs and applies residual,
+  bias and LayerNorm: two rounds of communication per layer.
+* :class:`CoFormerMethod` — a plan's sub-models through the real :class:`~coformer.runtime.Coordinator`.
+
+Each request returns a :class:`Trace`: logits, end-to-end time, and every exchange with its
+payload bytes (serialized request batch + fp16 response), the worker-reported compute time and
+the round trip. Pipeline and tensor-parallel splits are exact (up to fp16 on the wire). The core
+only calls the :class:`~coformer.backbone.Backbone` interface (``slice``, ``pipeline_stage``,
+``tensor_shard``, ``tensor_host``, ``task_head``): nothing here knows a particular backbone.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from coformer.aggregator import Aggregator
+from coformer.artifacts import submodel_artifact
+from coformer.backbone import Backbone, Batch, SubModel
+from coformer.measure import peak_activation_bytes, state_bytes
+from coformer.runtime import Coordinator
+from coformer.spec import DeviceProfile, UnitSelection
+from coformer.transport import SubModelArtifact, WorkerClient, encode_batch
+
+FP16_BYTES = 2
+
+
+def proportional_split(count: int, speeds: Sequence[float]) -> list[int]:
+    """Split ``count`` units in proportion to ``speeds`` (largest remainder; sums to ``count``)."""
+    if count < 0 or not speeds or any(s <= 0 for s in speeds):
+        raise ValueError(f"cannot split {count} units by speeds {list(speeds)}: need count ≥ 0 and positive speeds")
+    total = sum(speeds)
+    shares = [count * s / total for s in speeds]
+    out = [int(x) for x in shares]
+    order = sorted(range(len(speeds)), key=lambda i: (shares[i] - out[i], speeds[i]), reverse=True)
+    for i in order[: count - sum(out)]:
+        out[i] += 1
+    return out
+
+
+def contiguous(sizes: Sequence[int]) -> list[list[int]]:
+    """Consecutive index ranges of the given sizes: ``[2, 1]`` → ``[[0, 1], [2]]``."""
+    out, start = [], 0
+    for n in sizes:
+        out.append(list(range(start, start + n)))
+        start += n
+    return out
+
+
+def payload_bytes(batch: Batch) -> int:
+    """Bytes of a request batch as serialized on the wire (safetensors)."""
+    return len(encode_batch(batch))
+
+
+@dataclass
+class Exchange:
+    """One request to one device and its answer."""
+
+    device: str
+    request: Batch
+    response_numel: int
+    compute_ms: float
+    round_trip_ms: float
+    _request_bytes: int | None = field(default=None, repr=False)
+
+    @property
+    def request_bytes(self) -> int:
+        """Serialized request batch (computed lazily, outside the timed path)."""
+        if self._request_bytes is None:
+            self._request_bytes = payload_bytes(self.request)
+        return self._request_bytes
+
+    @property
+    def response_bytes(self) -> int:
+        """fp16 response tensor bytes."""
+        return self.response_numel * FP16_BYTES
+
+    @property
+    def bytes(self) -> int:
+        """Request + response payload bytes."""
+        return self.request_bytes + self.response_bytes
+
+
+@dataclass
+class Trace:
+    """One request through one method: the answer, the end-to-end time and every exchange by round.
+
+    Exchanges within a round run concurrently; rounds run one after another. ``local_ms`` is
+    the coordinator's own compute (head, aggregation, embedding, combining partials).
+    """
+
+    logits: Tensor
+    total_ms: float
+    rounds: list[list[Exchange]]
+    local_ms: float
+
+    @property
+    def bytes(self) -> int:
+        """Payload bytes sent and received for this request."""
+        return sum(e.bytes for r in self.rounds for e in r)
+
+    @property
+    def compute_ms(self) -> float:
+        """Compute on the critical path: slowest device per round, summed, plus the coordinator's."""
+        return sum(max(e.compute_ms for e in r) for r in self.rounds if r) + self.local_ms
+
+    @property
+    def transfer_ms(self) -> float:
+        """Measured time outside device compute on the critical path (round trip − compute of the slowest)."""
+        total = 0.0
+        for r in self.rounds:
+            if r:
+                slow = max(r, key=lambda e: e.round_trip_ms)
+                total += max(0.0, slow.round_trip_ms - slow.compute_ms)
+        return total
+
+    def wire_ms(self, rate_bps: float | None) -> float:
+        """Modelled wire time: per round the largest exchange's bytes over the link rate (each device has its own link)."""
+        if not rate_bps:
+            return 0.0
+        return sum(max(e.bytes for e in r) * 8 / rate_bps * 1000 for r in self.rounds if r)
+
+    def busy_ms(self) -> dict[str, float]:
+        """Device name → compute time spent on this request."""
+        out: dict[str, float] = {}
+        for r in self.rounds:
+            for e in r:
+                out[e.device] = out.get(e.device, 0.0) + e.compute_ms
+        return out
+
+
+def _numel(t: Tensor) -> int:
+    return int(t.numel())
+
+
+class Method(ABC):
+    """A way of running the teacher's task over a set of workers, one request at a time."""
+
+    name: str = "method"
+
+    def __init__(self, clients: Sequence[WorkerClient], devices: Sequence[DeviceProfile]):
+        if len(clients) != len(devices):
+            raise ValueError(f"{len(clients)} workers for {len(devices)} device profiles; give one per worker")
+        self.clients = list(clients)
+        self.devices = list(devices)
+        self.names = [d.name for d in devices]
+
+    @abstractmethod
+    def artifacts(self) -> dict[int, list[SubModelArtifact]]:
+        """Worker index → the sub-model artifacts it must hold."""
+
+    def deploy(self, *, timeout: float = 300.0) -> None:
+        """Load every artifact on its worker (cached by sha256 there)."""
+        for i, arts in self.artifacts().items():
+            for art in arts:
+                self.clients[i].load(art, timeout=timeout)
+
+    @abstractmethod
+    def infer(self, batch: Batch, *, timeout: float = 120.0) -> Trace:
+        """Answer one request."""
+
+    @abstractmethod
+    def module_memory(self, batch: Batch) -> dict[str, int]:
+        """Device name → measured module memory: weights + peak activations of one call (coformer.measure)."""
+
+    def used_devices(self) -> list[str]:
+        """Names of the devices this method uses."""
+        return [self.names[i] for i in self.artifacts()]
+
+    def close(self) -> None:
+        """Release anything held beyond the clients (the caller owns the clients)."""
+
+
+def _memory(module: nn.Module, call: Callable[[], Any]) -> int:
+    return state_bytes(module) + peak_activation_bytes(call)
+
+
+def _strongest(devices: Sequence[DeviceProfile]) -> int:
+    return max(range(len(devices)), key=lambda i: devices[i].gflops)
+
+
+class TeacherAlone(Method):
+    """The whole teacher as one sub-model (``slice`` of the full selection) on the strongest device."""
+
+    name = "teacher"
+
+    def __init__(self, backbone: Backbone, teacher: nn.Module, clients: Sequence[WorkerClient],
+                 devices: Sequence[DeviceProfile]):
+        super().__init__(clients, devices)
+        self.device = _strongest(devices)
+        self.model: SubModel = backbone.slice(teacher, UnitSelection.full(backbone.shape(teacher)))
+        self.head = backbone.task_head(teacher).eval()
+        self.artifact = submodel_artifact(self.model)
+
+    def artifacts(self) -> dict[int, list[SubModelArtifact]]:
+        """Only the strongest device holds anything."""
+        return {self.device: [self.artifact]}
+
+    def infer(self, batch: Batch, *, timeout: float = 120.0) -> Trace:
+        """One round: input to the strongest device, features back, head here."""
+        start = time.perf_counter()
+        res = self.clients[self.device].infer(self.artifact.sha256, batch, timeout=timeout)
+        rtt = (time.perf_counter() - start) * 1000
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            logits = self.head(res.features.float())
+        local = (time.perf_counter() - t0) * 1000
+        ex = Exchange(self.names[self.device], batch, _numel(res.features), res.compute_ms, rtt)
+        return Trace(logits, (time.perf_counter() - start) * 1000, [[ex]], local)
+
+    def module_memory(self, batch: Batch) -> dict[str, int]:
+        """The full model on the strongest device."""
+        return {self.names[self.device]: _memory(self.model, lambda: self.model(**batch))}
+
+
+class PipelineSplit(Method):
+    """Consecutive layers per device, in proportion to speed, run in sequence through the coordinator."""
+
+    name = "pipeline"
+
+    def __init__(self, backbone: Backbone, teacher: nn.Module, clients: Sequence[WorkerClient],
+                 devices: Sequence[DeviceProfile]):
+        super().__init__(clients, devices)
+        layers = backbone.shape(teacher).layers
+        sizes = proportional_split(layers, [d.gflops for d in devices])
+        ranges = contiguous(sizes)
+        self.order = [i for i, r in enumerate(ranges) if r]  # devices with no layer sit out
+        self.layers = {i: ranges[i] for i in self.order}
+        self.stages: dict[int, SubModel] = {
+            i: backbone.pipeline_stage(teacher, ranges[i], first=k == 0, last=k == len(self.order) - 1)
+            for k, i in enumerate(self.order)}
+        self.arts = {i: submodel_artifact(m) for i, m in self.stages.items()}
+        self.head = backbone.task_head(teacher).eval()
+
+    def artifacts(self) -> dict[int, list[SubModelArtifact]]:
+        """One stage per device that got layers."""
+        return {i: [self.arts[i]] for i in self.order}
+
+    def _stage_input(self, k: int, batch: Batch, hidden: Tensor | None) -> Batch:
+        if k == 0:
+            return batch
+        keys = self.stages[self.order[k]].config.get("stage_inputs", [])
+        return {"hidden_states": hidden, **{key: batch[key] for key in keys if key in batch}}
+
+    def infer(self, batch: Batch, *, timeout: float = 120.0) -> Trace:
+        """One round per stage; hidden states (fp16) come back to the coordinator and go on to the next stage."""
+        start = time.perf_counter()
+        rounds, hidden = [], None
+        for k, i in enumerate(self.order):
+            inputs = self._stage_input(k, batch, hidden)
+            t = time.perf_counter()
+            res = self.clients[i].infer(self.arts[i].sha256, inputs, timeout=timeout)
+            rounds.append([Exchange(self.names[i], inputs, _numel(res.features), res.compute_ms,
+                                    (time.perf_counter() - t) * 1000)])
+            hidden = res.features
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            logits = self.head(hidden.float())
+        local = (time.perf_counter() - t0) * 1000
+        return Trace(logits, (time.perf_counter() - start) * 1000, rounds, local)
+
+    def features_local(self, batch: Batch) -> Tensor:
+        """The stages run here in sequence with fp16 hand-over (what the workers compute)."""
+        hidden = None
+        with torch.inference_mode():
+            for k, i in enumerate(self.order):
+                hidden = self.stages[i](**self._stage_input(k, batch, hidden)).half()
+        return hidden.float()
+
+    def module_memory(self, batch: Batch) -> dict[str, int]:
+        """Each stage on its own input."""
+        out, hidden = {}, None
+        with torch.inference_mode():
+            for k, i in enumerate(self.order):
+                inputs = self._stage_input(k, batch, hidden)
+                out[self.names[i]] = _memory(self.stages[i], lambda m=self.stages[i], x=inputs: m(**x))
+                hidden = self.stages[i](**inputs).half()
+        return out
+
+
+class TensorParallelSplit(Method):
+    """Every layer's heads and MLP neurons split across devices in proportion to speed; two rounds per layer."""
+
+    name = "tensor-parallel"
+
+    def __init__(self, backbone: Backbone, teacher: nn.Module, clients: Sequence[WorkerClient],
+                 devices: Sequence[DeviceProfile]):
+        super().__init__(clients, devices)
+        shape = backbone.shape(teacher)
+        speeds = [d.gflops for d in devices]
+        if shape.head_group != 1:
+            # heads sharing a key/value group must stay on one device: split whole groups
+            groups = [contiguous(proportional_split(h // shape.head_group, speeds)) for h in shape.heads]
+            heads = [[[g * shape.head_group + j for g in gs for j in range(shape.head_group)] for gs in per]
+                     for per in groups]
+        else:
+            heads = [contiguous(proportional_split(h, speeds)) for h in shape.heads]
+        neurons = [contiguous(proportional_split(m, speeds)) for m in shape.mlp]
+        self.units = {i: ([heads[k][i] for k in range(shape.layers)], [neurons[k][i] for k in range(shape.layers)])
+                      for i in range(len(devices))}
+        self.units = {i: u for i, u in self.units.items() if any(u[0]) or any(u[1])}
+        self.shards: dict[int, SubModel] = {i: backbone.tensor_shard(teacher, h, n) for i, (h, n) in self.units.items()}
+        self.arts = {i: submodel_artifact(m) for i, m in self.shards.items()}
+        self.host = backbone.tensor_host(teacher)
+        self.head = backbone.task_head(teacher).eval()
+        self._pool = ThreadPoolExecutor(max_workers=max(1, len(self.shards)), thread_name_prefix="coformer-tp")
+
+    def artifacts(self) -> dict[int, list[SubModelArtifact]]:
+        """One shard per device that got any unit."""
+        return {i: [a] for i, a in self.arts.items()}
+
+    def _active(self, layer: int, phase: int) -> list[int]:
+        return [i for i, (h, n) in self.units.items() if (h if phase == 0 else n)[layer]]
+
+    def _call(self, i: int, inputs: Batch, timeout: float) -> tuple[Any, float]:
+        t = time.perf_counter()
+        res = self.clients[i].infer(self.arts[i].sha256, inputs, timeout=timeout)
+        return res, (time.perf_counter() - t) * 1000
+
+    def infer(self, batch: Batch, *, timeout: float = 120.0) -> Trace:
+        """Embed here; per layer and phase, fan out the fp16 hidden state, sum partials, combine here."""
+        start = time.perf_counter()
+        local = 0.0
+        rounds: list[list[Exchange]] = []
+        extra = {k: batch[k] for k in self.host.shard_inputs if k in batch}
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            x = self.host.embed(batch)
+            local += (time.perf_counter() - t0) * 1000
+            for layer in range(self.host.num_layers):
+                for phase in range(self.host.phases):
+                    active = self._active(layer, phase)
+                    inputs = {"hidden_states": x.half(), "layer": torch.tensor(layer), "phase": torch.tensor(phase),
+                              **extra}
+                    futures = [self._pool.submit(self._call, i, inputs, timeout) for i in active]
+                    results = [f.result() for f in futures]
+                    t0 = time.perf_counter()
+                    partial = torch.zeros_like(x)
+                    for res, _ in results:
+                        partial += res.features.float()
+                    x = self.host.combine(layer, phase, x, partial)
+                    local += (time.perf_counter() - t0) * 1000
+                    rounds.append([Exchange(self.names[i], inputs, _numel(res.features), res.compute_ms, rtt)
+                                   for i, (res, rtt) in zip(active, results)])
+            t0 = time.perf_counter()
+            logits = self.head(self.host.pool(x, batch))
+            local += (time.perf_counter() - t0) * 1000
+        return Trace(logits, (time.perf_counter() - start) * 1000, rounds, local)
+
+    def features_local(self, batch: Batch) -> Tensor:
+        """The same schedule run here with fp16 on every hand-over (what the workers compute)."""
+        extra = {k: batch[k] for k in self.host.shard_inputs if k in batch}
+        with torch.inference_mode():
+            x = self.host.embed(batch)
+            for layer in range(self.host.num_layers):
+                for phase in range(self.host.phases):
+                    inputs = {"hidden_states": x.half(), "layer": torch.tensor(layer), "phase": torch.tensor(phase),
+                              **extra}
+                    partial = sum((self.shards[i](**inputs).half().float() for i in self._active(layer, phase)),
+                                  torch.zeros_like(x))
+                    x = self.host.combine(layer, phase, x, partial)
+            return self.host.pool(x, batch)
+
+    def module_memory(self, batch: Batch) -> dict[str, int]:
+        """Each shard's weights + the larger peak of its layer-0 attention and MLP calls."""
+        x = self.host.embed(batch).half()
+        extra = {k: batch[k] for k in self.host.shard_inputs if k in batch}
+        out = {}
+        for i, shard in self.shards.items():
+            peaks = [peak_activation_bytes(lambda p=p, s=shard: s(hidden_states=x, layer=torch.tensor(0),
+                                                                  phase=torch.tensor(p), **extra))
+                     for p in range(self.host.phases)]
+            out[self.names[i]] = state_bytes(shard) + max(peaks)
+        return out
+
+    def close(self) -> None:
+        """Stop the fan-out pool."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class CoFormerMethod(Method):
+    """A plan's sub-models, one per device, through the runtime :class:`~coformer.runtime.Coordinator`."""
+
+    name = "coformer"
+
+    def __init__(self, artifacts: Sequence[SubModelArtifact], aggregator: Aggregator,
+                 clients: Sequence[WorkerClient], devices: Sequence[DeviceProfile],
+                 submodels: Sequence[SubModel] | None = None):
+        super().__init__(clients, devices)
+        if len(artifacts) != len(clients):
+            raise ValueError(f"the plan has {len(artifacts)} sub-models but {len(clients)} workers were given")
+        self.arts = list(artifacts)
+        self.aggregator = aggregator.eval()
+        self.submodels = list(submodels) if submodels is not None else None
+        self.coordinator: Coordinator | None = None
+
+    def artifacts(self) -> dict[int, list[SubModelArtifact]]:
+        """Sub-model n on worker n."""
+        return {i: [a] for i, a in enumerate(self.arts)}
+
+    def deploy(self, *, timeout: float = 300.0) -> None:
+        """Load the sub-models and build the coordinator."""
+        super().deploy(timeout=timeout)
+        self.coordinator = Coordinator(self.clients, [a.sha256 for a in self.arts], self.aggregator,
+                                       names=self.names, deadline_s=120.0)
+
+    def infer(self, batch: Batch, *, timeout: float = 120.0) -> Trace:
+        """One round: every device at once; the aggregator and task head here."""
+        if self.coordinator is None:
+            raise RuntimeError("call deploy() before infer()")
+        start = time.perf_counter()
+        answer = self.coordinator.infer(batch, deadline_s=timeout)
+        total = (time.perf_counter() - start) * 1000
+        if answer.missing:
+            raise RuntimeError(f"CoFormer request degraded: {answer.errors}")
+        b = next(iter(batch.values())).shape[0]
+        exchanges = [Exchange(t.device, batch, b * self.aggregator.feature_dims[n], t.t1_compute_ms, t.round_trip_ms)
+                     for n, t in enumerate(answer.timings)]
+        return Trace(answer.logits, total, [exchanges], answer.t3_aggregate_ms)
+
+    def module_memory(self, batch: Batch) -> dict[str, int]:
+        """Each sub-model on the input (rebuilt locally from the artifacts when not given)."""
+        if self.submodels is None:
+            from safetensors.torch import load as st_load
+
+            from coformer.registry import create
+
+            self.submodels = []
+            for art in self.arts:
+                m = create("backbone", art.config["backbone"]).build_submodel(art.config)
+                m.load_state_dict(st_load(art.weights))
+                self.submodels.append(m.eval())
+        return {self.names[i]: _memory(m, lambda m=m: m(**batch)) for i, m in enumerate(self.submodels)}
+
+    def close(self) -> None:
+        """Stop the coordinator's fan-out pool without closing the shared clients."""
+        if self.coordinator is not None:
+            self.coordinator._pool.shutdown(wait=False, cancel_futures=True)
