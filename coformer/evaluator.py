@@ -44,6 +44,7 @@ from coformer.spec import (
     Policy,
     SubModelCost,
     SubModelSpec,
+    UnitSelection,
     Violation,
     check_resources,
     check_structure,
@@ -189,27 +190,29 @@ class Evaluator:
             self._importance = self.backbone.importance(self.teacher, calib)
         return self._importance
 
-    @torch.no_grad()
     def submodel_losses(self, specs: Sequence[SubModelSpec]) -> list[float]:
         """Mean validation CE of each sliced, uncalibrated sub-model through the teacher's head."""
         from coformer.decompose import assign_units
 
         if self.val is None:
             raise ValueError("L_val needs labelled validation data (Evaluator(val=...))")
-        selections = assign_units(self.shape, specs, self.importance())
-        losses = []
-        for sel in selections:
-            sub = self.backbone.slice(self.teacher, sel).eval()
-            channels = torch.tensor(sel.channels, dtype=torch.long)
-            total = 0.0
-            for idx, batch in self.val.batches(self.val_batch_size):
-                feats = sub(**batch).float()
-                full = feats.new_zeros(feats.shape[0], self.shape.embed_dim)
-                full[:, channels] = feats
-                logits = self.head(full)
-                total += float(nn.functional.cross_entropy(logits, self.val.labels[idx], reduction="sum"))
-            losses.append(total / len(self.val))
-        return losses
+        selections = assign_units(self.shape, specs, self.importance())  # importance needs autograd
+        with torch.no_grad():
+            return [self._loss(sel) for sel in selections]
+
+    def _loss(self, selection: UnitSelection) -> float:
+        """Mean CE of one sliced sub-model: features scattered into its teacher channels, teacher head."""
+        assert self.val is not None
+        sub = self.backbone.slice(self.teacher, selection).eval()
+        channels = torch.tensor(selection.channels, dtype=torch.long)
+        total = 0.0
+        for idx, batch in self.val.batches(self.val_batch_size):
+            feats = sub(**batch).float()
+            full = feats.new_zeros(feats.shape[0], self.shape.embed_dim)
+            full[:, channels] = feats
+            logits = self.head(full)
+            total += float(nn.functional.cross_entropy(logits, self.val.labels[idx], reduction="sum"))
+        return total / len(self.val)
 
     # -- Ψ ----------------------------------------------------------------------------
     def evaluate(self, policy: Policy) -> Evaluation:

@@ -154,6 +154,15 @@ def time_call(fn: Callable[[], Any], *, warmup: int = 2, repeats: int = 5) -> li
     return out
 
 
+def summarise(samples: Sequence[float], statistic: str = "median") -> float:
+    """The median or the minimum of timing samples."""
+    if statistic == "median":
+        return statistics.median(samples)
+    if statistic == "min":
+        return min(samples)
+    raise ValueError(f"unknown timing statistic {statistic!r}; use 'median' or 'min'")
+
+
 def _progress(total: int, description: str, enabled: bool):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -168,8 +177,12 @@ def _submodule(backbone: Backbone, teacher: nn.Module, spec: SubModelSpec) -> nn
 
 def profile_local(backbone: Backbone, teacher: nn.Module, specs: Sequence[SubModelSpec], *, device: str,
                   threads: int | None = None, warmup: int = 2, repeats: int = 5,
-                  batch: Batch | None = None, progress: bool = False) -> Profile:
-    """Time each spec in this process (``threads`` torch threads; current setting when ``None``)."""
+                  batch: Batch | None = None, progress: bool = False, statistic: str = "median") -> Profile:
+    """Time each spec in this process (``threads`` torch threads; current setting when ``None``).
+
+    ``statistic`` summarises the repeats: ``"median"`` (default) or ``"min"`` (robust on a
+    machine shared with other work, where bursts of contention inflate even the median).
+    """
     from coformer.measure import count_flops
 
     if threads:
@@ -183,16 +196,17 @@ def profile_local(backbone: Backbone, teacher: nn.Module, specs: Sequence[SubMod
             sub = _submodule(backbone, teacher, spec)
             flops = float(count_flops(lambda: sub(**batch)))
             samples = time_call(lambda: sub(**batch), warmup=warmup, repeats=repeats)
-            records.append(ProfileRecord(spec, flops, statistics.median(samples), device, samples))
+            records.append(ProfileRecord(spec, flops, summarise(samples, statistic), device, samples))
             bar.advance(task)
     meta = {"where": "local", "threads": torch.get_num_threads(), "warmup": warmup, "repeats": repeats,
+            "statistic": statistic,
             "batch_size": 1, "input_shapes": {k: list(v.shape) for k, v in batch.items()}}
     return Profile(device, backbone.name, records, meta)
 
 
 def profile_remote(backbone: Backbone, teacher: nn.Module, specs: Sequence[SubModelSpec], uri: str, *,
                    device: str, warmup: int = 2, repeats: int = 5, batch: Batch | None = None,
-                   progress: bool = False) -> Profile:
+                   progress: bool = False, statistic: str = "median") -> Profile:
     """Time each spec on the worker at ``uri``, using the compute time the worker reports."""
     import coformer
     from coformer.artifacts import submodel_artifact
@@ -213,11 +227,12 @@ def profile_remote(backbone: Backbone, teacher: nn.Module, specs: Sequence[SubMo
                 for _ in range(warmup):
                     client.infer(art.sha256, batch)
                 samples = [client.infer(art.sha256, batch).compute_ms for _ in range(repeats)]
-                records.append(ProfileRecord(spec, flops, statistics.median(samples), device, samples))
+                records.append(ProfileRecord(spec, flops, summarise(samples, statistic), device, samples))
                 bar.advance(task)
     finally:
         client.close()
     meta = {"where": "remote", "uri": uri, "warmup": warmup, "repeats": repeats, "batch_size": 1,
+            "statistic": statistic,
             "input_shapes": {k: list(v.shape) for k, v in batch.items()}}
     return Profile(device, backbone.name, records, meta)
 
@@ -244,7 +259,7 @@ def threads_for_quota(quota: float) -> int:
 
 def profile_cpu_quota(backbone_name: str, source: str | None, specs: Sequence[SubModelSpec], quota: float, *,
                       device: str, warmup: int = 2, repeats: int = 5, progress: bool = False,
-                      teacher_dir: str | None = None) -> Profile:
+                      statistic: str = "median") -> Profile:
     """Time each spec in a child process limited to ``quota`` CPU cores by a cgroup v1 ``cpu`` group.
 
     The child loads the teacher itself (from ``source``, or the embedded default), joins the
@@ -264,7 +279,7 @@ def profile_cpu_quota(backbone_name: str, source: str | None, specs: Sequence[Su
             job.write_text(json.dumps({
                 "backbone": backbone_name, "source": source, "specs": [s.to_dict() for s in specs],
                 "device": device, "threads": threads_for_quota(quota), "warmup": warmup, "repeats": repeats,
-                "cgroup_tasks": str(group / "tasks"), "out": str(out), "progress": progress}))
+                "statistic": statistic, "cgroup_tasks": str(group / "tasks"), "out": str(out), "progress": progress}))
             proc = subprocess.run([sys.executable, "-m", "coformer.profiler", str(job)])
             if proc.returncode != 0 or not out.exists():
                 raise RuntimeError(f"the quota-limited profiling child failed (exit {proc.returncode})")
@@ -296,7 +311,8 @@ def _child(job_file: str) -> None:
     teacher = load_teacher(backbone, job["source"])
     specs = [SubModelSpec.from_dict(s) for s in job["specs"]]
     prof = profile_local(backbone, teacher, specs, device=job["device"], threads=job["threads"],
-                         warmup=job["warmup"], repeats=job["repeats"], progress=job["progress"])
+                         warmup=job["warmup"], repeats=job["repeats"], progress=job["progress"],
+                         statistic=job["statistic"])
     prof.meta["cgroup"] = str(Path(job["cgroup_tasks"]).parent)
     Path(job["out"]).write_text(json.dumps(prof.to_dict()))
 

@@ -1,0 +1,55 @@
+"""The MLP latency predictor against the FLOPs-proportional baseline, on a real profile of tiny BERT."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import coformer
+from coformer.predictor import FlopsBaseline, LatencyPredictor, errors, split_records, train_and_score
+from coformer.profiler import profile_local, sample_shapes
+
+
+@pytest.fixture(scope="module")
+def profile():
+    """A real profile of tiny BERT on this host; the minimum of repeats, since the test machine is shared."""
+    backbone = coformer.create_backbone("bert")
+    teacher = backbone.tiny().eval()
+    specs = sample_shapes(backbone.shape(teacher), 48, seed=0)
+    return profile_local(backbone, teacher, specs, device="host", warmup=2, repeats=7, statistic="min")
+
+
+def test_predictor_beats_flops_baseline_on_held_out_shapes(profile):
+    pred, report = train_and_score(profile.records, "host", test_fraction=0.25, seed=0, epochs=800)
+    train, test = split_records(profile.records, 0.25, 0)
+    assert report["held_out_shapes"] == len(test) == 12
+    assert not {r.spec for r in train} & {r.spec for r in test}
+    assert report["predictor"]["mape_pct"] < report["flops_baseline"]["mape_pct"]
+    assert report["predictor"]["rmse_ms"] < report["flops_baseline"]["rmse_ms"]
+
+
+def test_predictor_round_trips_through_safetensors_and_json(profile, tmp_path: Path):
+    pred = LatencyPredictor("host").fit(profile.records, epochs=100)
+    path = pred.save(tmp_path / "host")
+    assert path.suffix == ".json" and (tmp_path / "host.safetensors").exists()
+    back = LatencyPredictor.load(path)
+    specs = [r.spec for r in profile.records[:5]]
+    assert back.predict_many(specs) == pred.predict_many(specs)
+    assert back.device_name == "host"
+
+
+def test_flops_baseline_is_least_squares_through_the_origin(profile):
+    base = FlopsBaseline().fit(profile.records)
+    # the residual is orthogonal to the FLOPs vector at the least-squares optimum
+    resid = sum((r.latency_ms - base.predict_record(r)) * r.flops for r in profile.records)
+    scale = sum(r.latency_ms * r.flops for r in profile.records)
+    assert abs(resid) < 1e-9 * scale
+
+
+def test_errors_and_bad_input():
+    assert errors([1.0, 3.0], [2.0, 2.0]) == {"rmse_ms": 1.0, "mape_pct": 50.0, "n": 2}
+    with pytest.raises(ValueError, match="at least 4"):
+        LatencyPredictor().fit([])
+    with pytest.raises(FileNotFoundError, match="not a saved latency predictor"):
+        LatencyPredictor.load("/nonexistent/predictor")
