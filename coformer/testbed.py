@@ -218,8 +218,12 @@ def up(devices: Sequence[str | DeviceProfile], rates: Sequence[str | float], *, 
             Path(w.cgroup, "cgroup.procs").write_text(str(w.pid))
             w.created.append("cgroup-member")
             bed.save()
-    except BaseException:
-        down(state_path)
+    except BaseException as exc:
+        if state_path.exists():
+            try:
+                down(state_path)
+            except TestbedError as cleanup:
+                exc.add_note(f"cleanup after the failed `up` was incomplete: {cleanup}")
         raise
     return bed
 
@@ -333,19 +337,30 @@ def down(state_file: str | Path = DEFAULT_STATE) -> list[str]:
     """
     bed = Testbed.load(state_file)
     for w in bed.workers:
-        _stop_process(w)
-        if Path(w.cgroup).exists():
+        # remove only what this testbed recorded creating, never a same-named object it found
+        if "process" in w.created:
+            _stop_process(w)
+        if "cgroup" in w.created and Path(w.cgroup).exists():
             try:
                 Path(w.cgroup).rmdir()
             except OSError:
                 time.sleep(0.5)  # the killed process may still be leaving the group
                 Path(w.cgroup).rmdir()
-        _run("tc", "qdisc", "del", "dev", w.host_if, "root", check=False)
-        _run("ip", "link", "del", w.host_if, check=False)
-        _run("ip", "netns", "del", w.namespace, check=False)
+        if "veth" in w.created:
+            _run("tc", "qdisc", "del", "dev", w.host_if, "root", check=False)
+            _run("ip", "link", "del", w.host_if, check=False)
+        if "netns" in w.created:
+            _run("ip", "netns", "del", w.namespace, check=False)
     leftovers = leftovers_of(bed)
     if leftovers:
         raise TestbedError(f"`down` left these behind: {', '.join(leftovers)}; state kept in {bed.state_file}")
+    logs = {Path(w.log).parent for w in bed.workers if w.log}
+    for w in bed.workers:
+        if w.log:
+            Path(w.log).unlink(missing_ok=True)
+    for d in logs:
+        if d.exists() and not any(d.iterdir()):
+            d.rmdir()
     bed.state_file.unlink(missing_ok=True)
     return leftovers
 
@@ -355,19 +370,20 @@ def leftovers_of(bed: Testbed) -> list[str]:
     namespaces = set(_run("ip", "netns", "list", check=False).stdout.split())
     out = []
     for w in bed.workers:
-        if w.namespace in namespaces:
+        if "netns" in w.created and w.namespace in namespaces:
             out.append(f"netns {w.namespace}")
-        for _ in range(20):  # veth removal after netns deletion is asynchronous
-            if _run("ip", "link", "show", w.host_if, check=False).returncode != 0:
-                break
-            time.sleep(0.1)
-        else:
-            out.append(f"link {w.host_if}")
-        if "tbf" in _run("tc", "qdisc", "show", "dev", w.host_if, check=False).stdout:
-            out.append(f"qdisc on {w.host_if}")
-        if Path(w.cgroup).exists():
+        if "veth" in w.created:
+            for _ in range(20):  # veth removal after netns deletion is asynchronous
+                if _run("ip", "link", "show", w.host_if, check=False).returncode != 0:
+                    break
+                time.sleep(0.1)
+            else:
+                out.append(f"link {w.host_if}")
+            if "tbf" in _run("tc", "qdisc", "show", "dev", w.host_if, check=False).stdout:
+                out.append(f"qdisc on {w.host_if}")
+        if "cgroup" in w.created and Path(w.cgroup).exists():
             out.append(f"cgroup {w.cgroup}")
-        if w.pid is not None and _alive(w.pid) and _is_our_worker(w):
+        if "process" in w.created and w.pid is not None and _alive(w.pid) and _is_our_worker(w):
             out.append(f"process {w.pid} ({w.name})")
     return out
 

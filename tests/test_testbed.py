@@ -1,0 +1,190 @@
+"""The emulated testbed: workers in network namespaces, tbf-shaped veth links, cgroup v1 CPU quotas.
+
+Needs root, ``ip netns``, ``tc`` and the cgroup v1 ``cpu`` controller; skips with the reason otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import coformer
+from coformer.artifacts import submodel_artifact
+from coformer.decompose import proportional_specs
+from coformer.heads import StudentHead
+from coformer.runtime import Coordinator
+from coformer.spec import BUILTIN_DEVICES
+from coformer.testbed import (
+    CFS_PERIOD_US,
+    Testbed,
+    TestbedError,
+    cpu_quotas,
+    down,
+    leftovers_of,
+    parse_rate,
+    status,
+    unavailable_reason,
+    up,
+)
+from coformer.transport import encode_batch
+
+REASON = unavailable_reason()
+needs_root = pytest.mark.skipif(REASON is not None, reason=f"emulated testbed unavailable: {REASON}")
+pytestmark = pytest.mark.timeout(240)
+
+DEVICES = ["jetson-tx2", "jetson-nano"]
+RATES = ["2mbit", "1000mbit"]
+
+
+def _sh(*cmd: str) -> str:
+    return subprocess.run(list(cmd), capture_output=True, text=True).stdout
+
+
+# --------------------------------------------------------------------------- pure helpers (no root)
+
+
+def test_quotas_follow_device_gflops() -> None:
+    devs = [BUILTIN_DEVICES[n] for n in ("jetson-tx2", "orin-nano", "jetson-nano", "rpi4b")]
+    q = cpu_quotas(devs, cores=1.0)
+    assert q[0] == CFS_PERIOD_US  # the strongest gets exactly one core
+    for d, quota in zip(devs[1:3], q[1:3]):
+        assert quota == pytest.approx(CFS_PERIOD_US * d.gflops / devs[0].gflops, abs=1)
+    assert q[3] == 2028  # 13.5/665.6 of a core, above the kernel's 1 ms floor
+    assert cpu_quotas(devs, cores=2.0)[0] == 2 * CFS_PERIOD_US
+
+
+def test_rates_parse_to_tc_syntax() -> None:
+    assert parse_rate("2mbit") == "2mbit" and parse_rate(100) == "100mbit" and parse_rate("1gbit") == "1gbit"
+    with pytest.raises(ValueError, match="not understood"):
+        parse_rate("fast")
+
+
+# --------------------------------------------------------------------------- real namespaces
+
+
+@pytest.fixture(scope="module")
+def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Testbed]:
+    """Two workers (tx2 over 2 Mbit/s, nano over 1000 Mbit/s), brought up with `coformer testbed up`."""
+    from coformer.cli import build_cli
+
+    state = tmp_path_factory.mktemp("testbed") / "state.json"
+    result = CliRunner().invoke(build_cli(), ["testbed", "up", "--devices", ",".join(DEVICES), "--rate",
+                                              ",".join(RATES), "--prefix", "cft", "--subnet", "215",
+                                              "--port", "50071", "--state", str(state)])
+    assert result.exit_code == 0, result.output
+    testbed = Testbed.load(state)
+    try:
+        yield testbed
+    finally:
+        if state.exists():
+            down(state)
+
+
+@pytest.fixture(scope="module")
+def tiny() -> dict[str, Any]:
+    """A tiny BERT split in two, with artifacts and an averaging aggregator."""
+    backbone = coformer.create_backbone("bert")
+    teacher = backbone.tiny(num_labels=3)
+    batch = backbone.example_batch(teacher, batch_size=2)
+    subs = [s.eval() for s in backbone.decompose(teacher, proportional_specs(backbone.shape(teacher), [2, 1]),
+                                                 batch=batch)]
+    head = backbone.task_head(teacher)
+    agg = coformer.create_aggregator("averaging", feature_dims=[s.feature_dim for s in subs], embed_dim=32,
+                                     task_head=head,
+                                     student_heads=[StudentHead(s.feature_dim, 32, head) for s in subs]).eval()
+    return {"batch": batch, "subs": subs, "arts": [submodel_artifact(s) for s in subs], "agg": agg}
+
+
+@needs_root
+def test_up_creates_namespaces_shaped_links_and_quotas(bed: Testbed) -> None:
+    namespaces = _sh("ip", "netns", "list")
+    tx2, nano = BUILTIN_DEVICES["jetson-tx2"], BUILTIN_DEVICES["jetson-nano"]
+    for w, rate, tc_rate in zip(bed.workers, RATES, ("2Mbit", "1Gbit")):
+        assert w.namespace in namespaces
+        assert f"rate {tc_rate}" in _sh("tc", "qdisc", "show", "dev", w.host_if)  # coordinator → worker
+        inside = _sh("ip", "netns", "exec", w.namespace, "tc", "qdisc", "show", "dev", w.ns_if)
+        assert f"rate {tc_rate}" in inside  # worker → coordinator
+        assert Path(w.cgroup, "cpu.cfs_period_us").read_text().strip() == str(CFS_PERIOD_US)
+        assert str(w.pid) in Path(w.cgroup, "cgroup.procs").read_text().split()
+        # the worker really runs inside its namespace
+        assert Path(f"/proc/{w.pid}/ns/net").stat().st_ino == Path(f"/run/netns/{w.namespace}").stat().st_ino
+    quotas = [int(Path(w.cgroup, "cpu.cfs_quota_us").read_text()) for w in bed.workers]
+    assert quotas[0] == CFS_PERIOD_US
+    assert quotas[1] / quotas[0] == pytest.approx(nano.gflops / tx2.gflops, rel=1e-3)
+    rows = status(bed.state_file)
+    assert [r["health"]["ok"] for r in rows] == [True, True] and all(r["alive"] for r in rows)
+    assert [r["health"]["name"] for r in rows] == [w.name for w in bed.workers]
+
+
+@needs_root
+def test_workers_answer_over_shaped_links_and_2mbit_is_slower(bed: Testbed, tiny: dict[str, Any]) -> None:
+    clients = [coformer.open_transport(u) for u in bed.uris]
+    coord = Coordinator.deploy(clients, tiny["arts"], tiny["agg"], deadline_s=30.0)
+    # answers equal the local sub-models through the aggregator
+    ans = coord.infer(tiny["batch"])
+    with torch.inference_mode():
+        local = [s(**tiny["batch"]).half().float() for s in tiny["subs"]]
+        torch.testing.assert_close(ans.logits, tiny["agg"](local), atol=1e-4, rtol=1e-4)
+    assert ans.answered == bed.uris and not ans.degraded
+    # a ~256 KB request: 2 Mbit/s needs ≈ 1 s on the wire, 1000 Mbit/s a few ms
+    big = {k: v.repeat(256, 1) for k, v in tiny["batch"].items()}
+    nbytes = len(encode_batch(big))
+    wire_s = nbytes * 8 / 2e6
+    t2 = {u: [] for u in bed.uris}
+    for _ in range(3):
+        a = coord.infer(big)
+        assert a.answered == bed.uris
+        for t in a.timings:
+            t2[t.device].append(t.t2_transfer_ms)
+    coord.close()
+    slow, fast = min(t2[bed.uris[0]]), min(t2[bed.uris[1]])
+    assert slow >= 0.8 * wire_s * 1000, (slow, wire_s)  # the tbf rate really limits the link
+    assert slow > 5 * fast, (slow, fast)
+
+
+@needs_root
+def test_down_leaves_nothing_behind(bed: Testbed) -> None:
+    from coformer.cli import build_cli
+
+    result = CliRunner().invoke(build_cli(), ["testbed", "down", "--state", str(bed.state_file)])
+    assert result.exit_code == 0, result.output
+    assert leftovers_of(bed) == []
+    namespaces = _sh("ip", "netns", "list")
+    for w in bed.workers:
+        assert w.namespace not in namespaces
+        assert not Path(w.cgroup).exists()
+        assert not Path(f"/proc/{w.pid}").exists() or "Z" in Path(f"/proc/{w.pid}/stat").read_text().split()[2]
+        assert subprocess.run(["ip", "link", "show", w.host_if], capture_output=True).returncode != 0
+    assert not bed.state_file.exists()
+    with pytest.raises(TestbedError, match="testbed up"):
+        status(bed.state_file)
+
+
+@needs_root
+def test_failed_up_removes_what_it_created(tmp_path: Path) -> None:
+    # the second worker's namespace already exists, so `up` fails after creating the first one's
+    subprocess.run(["ip", "netns", "add", "coformer-cfe1"], check=True)
+    try:
+        state = tmp_path / "state.json"
+        with pytest.raises(TestbedError, match="coformer-cfe1"):
+            up(DEVICES, ["100mbit"], prefix="cfe", subnet=216, state_file=state)
+        assert "coformer-cfe0" not in _sh("ip", "netns", "list")
+        assert not Path("/sys/fs/cgroup/cpu/coformer-cfe0").exists()
+        assert subprocess.run(["ip", "link", "show", "cfe0h"], capture_output=True).returncode != 0
+        assert not state.exists()
+    finally:
+        subprocess.run(["ip", "netns", "del", "coformer-cfe1"], check=False)
+
+
+@needs_root
+def test_up_refuses_to_overwrite_a_running_testbed(tmp_path: Path) -> None:
+    state = tmp_path / "state.json"
+    state.write_text(json.dumps({"prefix": "x", "workers": []}))
+    with pytest.raises(TestbedError, match="testbed down"):
+        up(DEVICES, RATES, state_file=state)
