@@ -103,6 +103,7 @@ class BertTeacher(nn.Module):
         self.tokenizer = tokenizer
         self.head = head
         self.max_length = max_length
+        self.eval()  # a teacher is frozen: dropout off unless a caller asks for train()
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                 token_type_ids: Tensor | None = None) -> Tensor:
