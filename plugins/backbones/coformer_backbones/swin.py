@@ -9,12 +9,14 @@ Units and how they map onto the hierarchy:
   column of the relative-position bias table); **MLP neurons** per block (``fc1`` rows,
   ``fc2`` columns);
 * **channels**: ``ModelShape.embed_dim`` is the width the classifier takes, the last stage's
-  ``C_last = C·2^(S-1)``, so features are ``[B, embed_dim]`` like every backbone's. A selection
-  of last-stage channels ``c`` keeps channel ``c // r_s`` at stage ``s`` (``r_s = C_last / C_s``):
-  full selection keeps everything, ``k`` channels keep between ``k/r_s`` and ``min(k, C_s)``
-  channels at stage ``s``, and patch merging (4C→2C) is cut consistently: its norm and input
-  columns take the kept channels of each of the four merged positions, its rows the next
-  stage's kept channels.
+  ``C_last = C·2^(S-1)``, so features are ``[B, embed_dim]`` like every backbone's. Stage-``s``
+  channel ``g`` stands for the last-stage group ``g·r_s … (g+1)·r_s − 1`` (``r_s = C_last / C_s``);
+  a selection of ``k`` last-stage channels keeps ``max(1, round(k / r_s))`` stage-``s`` channels,
+  the groups holding most selected channels (ties: lower index). Full selection keeps every
+  channel, widths shrink in proportion at every stage, and sub-models dealt disjoint last-stage
+  channels by importance get (mostly) disjoint earlier channels. Patch merging (4C→2C) is cut
+  consistently: its norm and input columns take the kept channels of each of the four merged
+  positions, its rows the next stage's kept channels.
 
 Features are the final-norm tokens averaged over the spatial grid (timm's ``avg`` pooling),
 so ``task_head`` is timm's ``head.fc``. No package carries Swin weights: load a timm
@@ -71,7 +73,12 @@ def stage_channels(channels: tuple[int, ...], widths: list[int]) -> list[list[in
         if last % w:
             raise ValueError(f"stage widths {widths} do not divide the last stage's {last}")
         r = last // w
-        out.append(sorted({c // r for c in channels}))
+        counts = [0] * w
+        for c in channels:
+            counts[c // r] += 1
+        n = max(1, round(len(channels) / r))
+        ranked = sorted(range(w), key=lambda g: (-counts[g], g))
+        out.append(sorted(ranked[:n]))
     return out
 
 
