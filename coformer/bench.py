@@ -1,0 +1,366 @@
+"""``coformer bench``: teacher, CoFormer, pipeline and tensor-parallel splits side by side, per link rate.
+
+Every method runs over the same workers and transport (:mod:`coformer.baselines`). Per method
+and link rate the bench records, over ``requests`` single-example requests after ``warmup``:
+
+* end-to-end latency (median, p90) and speed-up vs the teacher;
+* a breakdown: compute on the critical path (worker-reported, slowest device per round, plus
+  the coordinator's own compute), *modelled* wire time (payload bytes per round over the link
+  rate; each device has its own link), and the rest — runtime overhead (serialization, RPC,
+  scheduling, queueing in the shaper): overhead = end-to-end − compute − modelled wire;
+* payload bytes per request (serialized request batches + fp16 responses, every round);
+* module memory per device: weights + measured peak activations of one call (coformer.measure),
+  and, on the testbed, each worker process's peak RSS (VmHWM) at the end (all methods loaded);
+* accuracy: the teacher on the test split; CoFormer from the plan's figures (or recomputed);
+  pipeline and tensor-parallel are exact, so their accuracy is the teacher's — *verified* by
+  their agreement with the teacher's predictions on the requests actually sent;
+* an ENERGY ESTIMATE: Σ over devices of busy (compute) time × the device profile's power.
+
+Links are either **shaped** (the emulated testbed's ``tc tbf`` qdiscs, reshaped per rate) or
+**modelled** (in-process / given workers: the loopback run plus the modelled wire time at that
+rate). JSON, a markdown table and PNG plots are written to the output directory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from coformer.backbone import Backbone, Batch
+from coformer.baselines import (
+    CoFormerMethod,
+    Method,
+    PipelineSplit,
+    TeacherAlone,
+    TensorParallelSplit,
+    Trace,
+)
+from coformer.data import TensorDataset
+from coformer.spec import DeviceProfile
+from coformer.transport import WorkerClient
+
+METHODS = ("teacher", "coformer", "pipeline", "tensor-parallel")
+
+
+@dataclass
+class BenchConfig:
+    """How much to measure."""
+
+    rates_mbps: list[float] = field(default_factory=lambda: [2.0, 100.0, 500.0, 1000.0])
+    requests: int = 20
+    warmup: int = 3
+    #: stop a method early (after at least 3 timed requests) once its timed requests took this long
+    max_seconds_per_method: float = 120.0
+    timeout_s: float = 300.0
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The ``q``-th percentile (0–100) by linear interpolation."""
+    xs = sorted(values)
+    if not xs:
+        return float("nan")
+    pos = (len(xs) - 1) * q / 100
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def _median(values: Sequence[float]) -> float:
+    return float(statistics.median(values)) if values else float("nan")
+
+
+@dataclass
+class Sample:
+    """The requests: single examples from the test split, with labels and the teacher's predictions."""
+
+    batches: list[Batch]
+    labels: list[int]
+
+
+def make_sample(test: TensorDataset, n: int) -> Sample:
+    """The first ``n`` test examples as batch-1 requests."""
+    n = min(n, len(test))
+    return Sample([test.batch([i]) for i in range(n)], [int(test.labels[i]) for i in range(n)])
+
+
+def measure_method(method: Method, sample: Sample, rate_bps: float | None, cfg: BenchConfig,
+                   shaped: bool) -> dict[str, Any]:
+    """Warm up, time the requests and summarise them (see the module docstring for each figure)."""
+    n = len(sample.batches)
+    for i in range(cfg.warmup):
+        method.infer(sample.batches[i % n], timeout=cfg.timeout_s)
+    traces: list[Trace] = []
+    preds: list[int] = []
+    started = time.perf_counter()
+    for i in range(cfg.requests):
+        trace = method.infer(sample.batches[i % n], timeout=cfg.timeout_s)
+        traces.append(trace)
+        preds.append(int(trace.logits.argmax(-1)[0]))
+        if len(traces) >= 3 and time.perf_counter() - started > cfg.max_seconds_per_method:
+            break
+    power = {d.name: d.power_w for d in method.devices}
+    wire = [t.wire_ms(rate_bps) for t in traces]
+    measured = [t.total_ms for t in traces]
+    # modelled links: the (unshaped) run plus the modelled wire time at this rate
+    total = measured if shaped else [m + w for m, w in zip(measured, wire)]
+    compute = [t.compute_ms for t in traces]
+    overhead = [m - c - (w if shaped else 0.0) for m, c, w in zip(measured, compute, wire)]
+    energy = [sum(ms / 1000 * power[d] for d, ms in t.busy_ms().items()) for t in traces]
+    busy: dict[str, float] = {}
+    for t in traces:
+        for d, ms in t.busy_ms().items():
+            busy[d] = busy.get(d, 0.0) + ms / len(traces)
+    return {
+        "method": method.name,
+        "devices": method.used_devices(),
+        "requests": len(traces),
+        "rounds": len(traces[0].rounds),
+        "latency_ms": {"median": _median(total), "p90": percentile(total, 90), "all": total},
+        "measured_ms_median": _median(measured),
+        "breakdown_ms": {"compute": _median(compute), "wire_modelled": _median(wire),
+                         "overhead": _median(overhead), "transfer_measured": _median([t.transfer_ms for t in traces])},
+        "overhead_share": _median([o / m for o, m in zip(overhead, measured) if m > 0]),
+        "bytes_per_request": _median([float(t.bytes) for t in traces]),
+        "busy_ms_per_device": busy,
+        "energy_j_estimate": _median(energy),
+        "predictions": preds,
+        "sample_accuracy": 100.0 * sum(p == sample.labels[i % n] for i, p in enumerate(preds)) / len(preds),
+    }
+
+
+def accuracy_of(logits: Tensor, labels: Tensor) -> float:
+    """Top-1 accuracy in percent."""
+    return float((logits.argmax(-1) == labels).float().mean() * 100)
+
+
+@torch.inference_mode()
+def teacher_logits(backbone: Backbone, teacher: torch.nn.Module, data: TensorDataset, batch_size: int = 32) -> Tensor:
+    """The teacher's logits over a dataset (locally, exact)."""
+    head = backbone.task_head(teacher)
+    return torch.cat([head(backbone.features(teacher, b)) for _, b in data.batches(batch_size)])
+
+
+@torch.inference_mode()
+def coformer_logits(method: CoFormerMethod, data: TensorDataset, batch_size: int = 32) -> Tensor:
+    """CoFormer's logits over a dataset, recomputed locally from the plan's sub-models and aggregator."""
+    method.module_memory(data.batch([0]))  # rebuilds the sub-models locally
+    assert method.submodels is not None
+    outs = []
+    for _, b in data.batches(batch_size):
+        outs.append(method.aggregator([m(**b).half().float() for m in method.submodels]))
+    return torch.cat(outs)
+
+
+@dataclass
+class BenchSetup:
+    """What the bench needs: the teacher, the plan, the devices and a way to get the workers per rate."""
+
+    backbone: Backbone
+    teacher: torch.nn.Module
+    plan: Any  # coformer.artifacts.Plan
+    devices: list[DeviceProfile]
+    clients: list[WorkerClient]
+    test: TensorDataset
+    #: reshape the links to a rate (Mbit/s), or None when links are modelled
+    shape_links: Callable[[float], None] | None = None
+    coformer_accuracy: float | None = None  # from the plan's figures, when given
+    process_memory: Callable[[], dict[str, int]] | None = None
+
+
+def build_methods(setup: BenchSetup) -> dict[str, Method]:
+    """The four methods over the same clients."""
+    return {
+        "teacher": TeacherAlone(setup.backbone, setup.teacher, setup.clients, setup.devices),
+        "coformer": CoFormerMethod(setup.plan.artifacts, setup.plan.aggregator, setup.clients, setup.devices),
+        "pipeline": PipelineSplit(setup.backbone, setup.teacher, setup.clients, setup.devices),
+        "tensor-parallel": TensorParallelSplit(setup.backbone, setup.teacher, setup.clients, setup.devices),
+    }
+
+
+def run_bench(setup: BenchSetup, cfg: BenchConfig, *, accuracy_limit: int | None = None,
+              log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Measure every method at every rate; returns the JSON-ready document."""
+    methods = build_methods(setup)
+    sample = make_sample(setup.test, max(cfg.requests, cfg.warmup, 1))
+    test = setup.test if accuracy_limit is None else setup.test.subset(range(min(accuracy_limit, len(setup.test))))
+    log(f"accuracy: teacher on {len(test)} test examples")
+    t_logits = teacher_logits(setup.backbone, setup.teacher, test)
+    teacher_acc = accuracy_of(t_logits, test.labels)
+    teacher_sample_preds = [int(x) for x in teacher_logits(
+        setup.backbone, setup.teacher, TensorDataset({k: torch.cat([b[k] for b in sample.batches]) for k in sample.batches[0]},
+                                                     torch.tensor(sample.labels))).argmax(-1)]
+    if setup.coformer_accuracy is not None:
+        co_acc, co_source = setup.coformer_accuracy, "plan figures"
+    else:
+        co_acc = accuracy_of(coformer_logits(methods["coformer"], test), test.labels)  # type: ignore[arg-type]
+        co_source = f"recomputed on {len(test)} test examples"
+    memory = {}
+    one = sample.batches[0]
+    for name, m in methods.items():
+        log(f"deploying {name} to {', '.join(m.used_devices())}")
+        m.deploy(timeout=cfg.timeout_s)
+        memory[name] = m.module_memory(one)
+    runs: list[dict[str, Any]] = []
+    try:
+        for rate in cfg.rates_mbps:
+            if setup.shape_links is not None:
+                setup.shape_links(rate)
+            for name, m in methods.items():
+                log(f"{rate:g} Mbit/s: {name}")
+                r = measure_method(m, sample, rate * 1e6, cfg, shaped=setup.shape_links is not None)
+                r["rate_mbps"] = rate
+                r["link"] = "shaped" if setup.shape_links is not None else "modelled"
+                agree = sum(p == teacher_sample_preds[i % len(sample.batches)] for i, p in enumerate(r["predictions"]))
+                r["agreement_with_teacher"] = 100.0 * agree / len(r["predictions"])
+                r["module_memory_bytes"] = memory[name]
+                runs.append(r)
+    finally:
+        for m in methods.values():
+            m.close()
+    for rate in cfg.rates_mbps:
+        base = next(r for r in runs if r["rate_mbps"] == rate and r["method"] == "teacher")
+        for r in runs:
+            if r["rate_mbps"] == rate:
+                r["speedup_vs_teacher"] = base["latency_ms"]["median"] / r["latency_ms"]["median"]
+    accuracy = {
+        "teacher": {"accuracy": teacher_acc, "source": f"measured on {len(test)} test examples"},
+        "coformer": {"accuracy": co_acc, "source": co_source},
+    }
+    for name in ("pipeline", "tensor-parallel"):
+        agree = [r["agreement_with_teacher"] for r in runs if r["method"] == name]
+        verified = all(a == 100.0 for a in agree)
+        accuracy[name] = {"accuracy": teacher_acc if verified else float("nan"),
+                          "source": ("exact: equals the teacher's; verified (100% agreement) on every request sent"
+                                     if verified else f"NOT verified: agreement with the teacher {agree}")}
+    doc = {
+        "devices": [d.to_dict() for d in setup.devices],
+        "config": {"rates_mbps": cfg.rates_mbps, "requests": cfg.requests, "warmup": cfg.warmup,
+                   "max_seconds_per_method": cfg.max_seconds_per_method},
+        "accuracy": accuracy,
+        "runs": runs,
+        "notes": {
+            "latency": "end-to-end per batch-1 request after warm-up; median and p90",
+            "link": "shaped = tc tbf on the testbed; modelled = loopback run + payload bytes / rate per round",
+            "bytes": "serialized request batches (safetensors) + fp16 responses, all rounds",
+            "memory": "module memory = weights + measured peak activations of one call (coformer.measure)",
+            "energy": "ESTIMATE: sum over devices of worker-reported compute time x device profile power (W); "
+                      "idle and network power excluded",
+            "overhead": "end-to-end - critical-path compute - modelled wire time",
+            "pipeline": "hidden states go device -> coordinator -> next device (the star network's path)",
+        },
+    }
+    if setup.process_memory is not None:
+        doc["worker_peak_rss_bytes"] = setup.process_memory()
+    return doc
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def markdown_table(doc: dict[str, Any]) -> str:
+    """A markdown table of the main figures, one row per method and rate."""
+    lines = ["| rate (Mb/s) | link | method | devices | median ms | p90 ms | speed-up | compute ms | wire ms (model) "
+             "| overhead ms | overhead % | KB/request | energy J (est.) | accuracy % | peak module MB/device |",
+             "|" + "---|" * 15]
+    for r in doc["runs"]:
+        acc = doc["accuracy"][r["method"]]["accuracy"]
+        mem = max(r["module_memory_bytes"].values()) / 2**20
+        b = r["breakdown_ms"]
+        lines.append(
+            f"| {r['rate_mbps']:g} | {r['link']} | {r['method']} | {len(r['devices'])} | {r['latency_ms']['median']:.1f} "
+            f"| {r['latency_ms']['p90']:.1f} | {r['speedup_vs_teacher']:.2f}× | {b['compute']:.1f} "
+            f"| {b['wire_modelled']:.1f} | {b['overhead']:.1f} | {100 * r['overhead_share']:.0f} "
+            f"| {r['bytes_per_request'] / 1024:.1f} | {r['energy_j_estimate']:.3f} | {acc:.2f} | {mem:.1f} |")
+    lines.append("")
+    for k, v in doc["accuracy"].items():
+        lines.append(f"- accuracy of {k}: {v['accuracy']:.2f}% ({v['source']})")
+    for k, v in doc["notes"].items():
+        lines.append(f"- {k}: {v}")
+    if "device_count" in doc:
+        lines += ["", "| CoFormer devices | devices | rate (Mb/s) | median ms | p90 ms | KB/request | accuracy % |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in doc["device_count"]:
+            lines.append(f"| {len(r['devices'])} | {', '.join(r['devices'])} | {r['rate_mbps']:g} "
+                         f"| {r['latency_ms']['median']:.1f} | {r['latency_ms']['p90']:.1f} "
+                         f"| {r['bytes_per_request'] / 1024:.1f} | {r['accuracy']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(doc: dict[str, Any], out: Path) -> list[Path]:
+    """Stacked latency breakdown per method and rate, and accuracy vs latency; returns the PNG paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = doc["runs"]
+    rates = sorted({r["rate_mbps"] for r in runs})
+    fig, axes = plt.subplots(1, len(rates), figsize=(4 * len(rates), 4), squeeze=False)
+    for ax, rate in zip(axes[0], rates):
+        rows = [r for r in runs if r["rate_mbps"] == rate]
+        names = [r["method"] for r in rows]
+        bottom = [0.0] * len(rows)
+        for part, color in (("compute", "tab:blue"), ("wire_modelled", "tab:orange"), ("overhead", "tab:gray")):
+            vals = [max(0.0, r["breakdown_ms"][part]) for r in rows]
+            ax.bar(names, vals, bottom=bottom, label=part.replace("_", " "), color=color)
+            bottom = [b + v for b, v in zip(bottom, vals)]
+        ax.set_title(f"{rate:g} Mbit/s ({rows[0]['link']})")
+        ax.set_ylabel("median latency (ms)")
+        ax.set_yscale("log" if max(bottom) > 50 * max(min(bottom), 1e-3) else "linear")
+        ax.tick_params(axis="x", rotation=30)
+    axes[0][0].legend()
+    fig.tight_layout()
+    p1 = out / "latency_breakdown.png"
+    fig.savefig(p1, dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for name in METHODS:
+        rows = [r for r in runs if r["method"] == name]
+        if not rows:
+            continue
+        acc = doc["accuracy"][name]["accuracy"]
+        ax.plot([r["latency_ms"]["median"] for r in rows], [acc] * len(rows), "o-", label=name)
+        for r in rows:
+            ax.annotate(f"{r['rate_mbps']:g}", (r["latency_ms"]["median"], acc), fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel("median end-to-end latency (ms, log); labels: link Mbit/s")
+    ax.set_ylabel("test accuracy (%)")
+    ax.legend()
+    fig.tight_layout()
+    p2 = out / "accuracy_vs_latency.png"
+    fig.savefig(p2, dpi=120)
+    plt.close(fig)
+    return [p1, p2]
+
+
+def write_outputs(doc: dict[str, Any], out: str | Path) -> dict[str, Path]:
+    """``bench.json``, ``bench.md`` and the PNG plots in ``out``."""
+    path = Path(out)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "bench.json").write_text(json.dumps(doc, indent=2, default=float))
+    (path / "bench.md").write_text(markdown_table(doc))
+    pngs = plot(doc, path)
+    return {"json": path / "bench.json", "table": path / "bench.md", "breakdown": pngs[0], "accuracy": pngs[1]}
+
+
+def device_count_run(plan: Any, clients: Sequence[WorkerClient], devices: Sequence[DeviceProfile], sample: Sample,
+                     rate_mbps: float, cfg: BenchConfig, *, shaped: bool, accuracy: float | None) -> dict[str, Any]:
+    """CoFormer alone for one plan (the device-count table): latency, bytes and accuracy at one rate."""
+    method = CoFormerMethod(plan.artifacts, plan.aggregator, clients, devices)
+    method.deploy(timeout=cfg.timeout_s)
+    try:
+        r = measure_method(method, sample, rate_mbps * 1e6, cfg, shaped=shaped)
+    finally:
+        method.close()
+    r["rate_mbps"] = rate_mbps
+    r["accuracy"] = accuracy if accuracy is not None else r["sample_accuracy"]
+    r["accuracy_source"] = "plan figures" if accuracy is not None else "sample of the requests"
+    return r

@@ -1,0 +1,104 @@
+"""`coformer bench` end to end on a tiny BERT plan through in-process workers: every method, two link rates."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import coformer
+from coformer.artifacts import load_plan, save_plan
+from coformer.bench import BenchConfig, BenchSetup, percentile, run_bench, write_outputs
+from coformer.data import TensorDataset
+from coformer.decompose import proportional_specs
+from coformer.spec import BUILTIN_DEVICES
+
+DEVICE_NAMES = ("jetson-nano", "jetson-tx2", "orin-nano")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A tiny BERT teacher saved to disk, a 3-device plan from it, and a small labelled test split."""
+    backbone = coformer.create_backbone("bert")
+    teacher = backbone.tiny(num_labels=3, seed=4)
+    root = tmp_path_factory.mktemp("bench")
+    backbone.save(teacher, root / "teacher")
+    devices = [BUILTIN_DEVICES[n] for n in DEVICE_NAMES]
+    shape = backbone.shape(teacher)
+    specs = proportional_specs(shape, [d.gflops for d in devices])
+    calib = backbone.example_batch(teacher, 8, seed=5)
+    subs = backbone.decompose(teacher, specs, batch=calib)
+    head = backbone.task_head(teacher)
+    agg = coformer.create_aggregator("mlp_fusion", feature_dims=[m.feature_dim for m in subs],
+                                     embed_dim=shape.embed_dim, task_head=head, student_heads=None)
+    policy = {"specs": [s.to_dict() for s in specs], "devices": [d.to_dict() for d in devices], "meta": {}}
+    save_plan(root / "plan", submodels=subs, aggregator=agg, task_head=head, student_heads=None,
+              meta={"backbone": "bert", "source": str(root / "teacher"), "policy": policy, "figures": {}})
+    batch = backbone.example_batch(teacher, 10, seed=6)
+    with torch.no_grad():
+        labels = backbone.forward_teacher(teacher, batch).argmax(-1)
+    labels[::3] = (labels[::3] + 1) % 3  # a teacher that is right on only about 2/3 of them
+    return {"backbone": backbone, "teacher": teacher, "root": root, "devices": devices,
+            "test": TensorDataset(batch, labels)}
+
+
+def test_percentile() -> None:
+    assert percentile([1, 2, 3, 4, 5], 50) == 3
+    assert percentile([1, 2, 3, 4, 5], 90) == pytest.approx(4.6)
+    assert percentile([7.0], 90) == 7.0
+
+
+def test_bench_runs_every_method_at_two_rates(tiny: dict[str, Any], tmp_path: Path) -> None:
+    plan = load_plan(tiny["root"] / "plan")
+    clients = [coformer.open_transport(f"inproc://bench-{i}") for i in range(3)]
+    setup = BenchSetup(tiny["backbone"], tiny["teacher"], plan, tiny["devices"], clients, tiny["test"])
+    cfg = BenchConfig(rates_mbps=[2.0, 1000.0], requests=4, warmup=1)
+    doc = run_bench(setup, cfg, log=lambda _m: None)
+    paths = write_outputs(doc, tmp_path)
+
+    runs = doc["runs"]
+    assert {(r["method"], r["rate_mbps"]) for r in runs} == {(m, r) for m in ("teacher", "coformer", "pipeline",
+                                                                              "tensor-parallel") for r in (2.0, 1000.0)}
+    by = {(r["method"], r["rate_mbps"]): r for r in runs}
+    # exact baselines agree with the teacher on every request; so their accuracy is the teacher's, verified
+    for m in ("pipeline", "tensor-parallel"):
+        assert by[(m, 2.0)]["agreement_with_teacher"] == 100.0
+        assert doc["accuracy"][m]["accuracy"] == doc["accuracy"]["teacher"]["accuracy"]
+    assert doc["accuracy"]["teacher"]["accuracy"] == pytest.approx(60.0)  # 4 of 10 labels flipped
+    assert by[("teacher", 2.0)]["sample_accuracy"] == pytest.approx(50.0)  # first 4: indices 0 and 3 flipped
+    # tensor parallelism talks every layer: many more bytes and rounds than CoFormer's single round
+    assert by[("tensor-parallel", 2.0)]["rounds"] == 6 and by[("coformer", 2.0)]["rounds"] == 1
+    assert by[("tensor-parallel", 2.0)]["bytes_per_request"] > 10 * by[("coformer", 2.0)]["bytes_per_request"]
+    # modelled links: the slow link costs exactly the modelled wire time more
+    for m in ("teacher", "coformer", "pipeline", "tensor-parallel"):
+        slow, fast = by[(m, 2.0)], by[(m, 1000.0)]
+        assert slow["breakdown_ms"]["wire_modelled"] == pytest.approx(500 * fast["breakdown_ms"]["wire_modelled"])
+        assert slow["latency_ms"]["median"] > fast["latency_ms"]["median"]
+        assert slow["energy_j_estimate"] > 0 and slow["module_memory_bytes"]
+    assert by[("teacher", 2.0)]["speedup_vs_teacher"] == 1.0
+    assert set(by[("coformer", 2.0)]["module_memory_bytes"]) == set(DEVICE_NAMES)
+    saved = json.loads(paths["json"].read_text())
+    assert len(saved["runs"]) == 8
+    table = paths["table"].read_text()
+    assert table.count("| tensor-parallel |") == 2 and "ESTIMATE" in table
+    for key in ("breakdown", "accuracy"):
+        assert paths[key].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_cli_with_inproc_workers(tiny: dict[str, Any], tmp_path: Path) -> None:
+    from coformer.cli import build_cli
+
+    out = tmp_path / "out"
+    args = ["bench", "--plan", str(tiny["root"] / "plan"), "--workers", "inproc://c0,inproc://c1,inproc://c2",
+            "--link-mbps", "2,1000", "--requests", "3", "--warmup", "1", "--accuracy-limit", "8",
+            "--teacher", str(tiny["root"] / "teacher"), "--recompute-accuracy", "--out", str(out)]
+    res = CliRunner().invoke(build_cli(), args)
+    assert res.exit_code == 0, res.output
+    doc = json.loads((out / "bench.json").read_text())
+    assert {r["method"] for r in doc["runs"]} == {"teacher", "coformer", "pipeline", "tensor-parallel"}
+    bad = CliRunner().invoke(build_cli(), [*args[:4], "inproc://c0", *args[5:]])
+    assert bad.exit_code != 0 and "one URI per sub-model" in bad.output
