@@ -113,7 +113,8 @@ def save_timm(model: nn.Module, path: str | Path) -> Path:
 
 
 def to_images(examples: Any) -> Tensor:
-    """Raw images (a ``[B, C, H, W]``/``[B, H, W]`` tensor or array, or a list of ``[C, H, W]``/``[H, W]``) as float."""
+    """Raw images as float ``[B, C, H, W]``: a ``[B, C, H, W]``/``[B, H, W]`` tensor or array, or a list of
+    ``[C, H, W]``/``[H, W]`` ones; floats are taken as [0, 1], ``uint8`` as 0..255."""
     if isinstance(examples, Tensor):
         x = examples
     elif isinstance(examples, (list, tuple)):
@@ -126,9 +127,9 @@ def to_images(examples: Any) -> Tensor:
         x = x.unsqueeze(1)
     if x.dim() != 4:
         raise ValueError(f"images must be [B, C, H, W] or [B, H, W], got shape {tuple(x.shape)}")
+    if x.dtype == torch.uint8:  # 0..255 pixel values
+        return x.float() / 255.0
     x = x.float()
-    if x.max() > 1.5:  # 0..255 pixel values
-        x = x / 255.0
     return x
 
 
@@ -332,7 +333,7 @@ class TimmVisionBackbone(Backbone):
         return model.eval()
 
     def prepare(self, model: nn.Module, examples: Sequence[Any]) -> Batch:
-        """Images in [0, 1] (or 0..255) → resized, normalised ``pixel_values``."""
+        """Images in [0, 1] (or ``uint8`` 0..255) → resized, normalised ``pixel_values``."""
         return prepare_images(model, examples)
 
     def example_batch(self, model: nn.Module, batch_size: int = 2, seed: int = 0) -> Batch:
