@@ -200,3 +200,19 @@ def test_voting_random_inputs_follow_the_rule():
         best = votes[b].max()
         tied = (votes[b] == best).nonzero().flatten()
         assert out[b].argmax().item() == tied[mean_p[b, tied].argmax()].item()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_rebuilds_from_config(name):
+    """``config`` + head configs + state_dict rebuild an identical aggregator (how plan directories load it)."""
+    agg = build(name).eval()
+    cfg = agg.config
+    head = ClassifierHead.from_config(ClassifierHead(EMBED, LABELS, norm=True).config)
+    students = [StudentHead.from_config(StudentHead(d, EMBED, head).config) for d in DIMS]
+    torch.manual_seed(99)  # different initial weights: only the state_dict may make them equal
+    again = coformer.create_aggregator(cfg["name"], feature_dims=cfg["feature_dims"], embed_dim=cfg["embed_dim"],
+                                       task_head=head, student_heads=students, **cfg["options"]).eval()
+    feats = [torch.randn(4, d) for d in DIMS]
+    assert not torch.equal(again(feats), agg(feats))
+    again.load_state_dict(agg.state_dict())
+    assert torch.equal(again(feats), agg(feats))
