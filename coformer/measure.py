@@ -9,14 +9,25 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from coformer.spec import SubModelCost
 
 
+def _cpu_sdpa_flops(query_shape: Any, key_shape: Any, value_shape: Any, *args: Any, **kwargs: Any) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+# torch's counter has no formula for the CPU fused attention kernel, so attention would count as 0
+_EXTRA_FORMULAS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops}
+
+
 def count_flops(fn: Callable[[], Any]) -> int:
-    """FLOPs that ``fn()`` executes, counted by :class:`torch.utils.flop_counter.FlopCounterMode`."""
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
+    """FLOPs that ``fn()`` executes, counted by :class:`torch.utils.flop_counter.FlopCounterMode`.
+
+    Scaled-dot-product attention is counted on CPU too (torch only knows its GPU kernels).
+    """
+    with FlopCounterMode(display=False, custom_mapping=_EXTRA_FORMULAS) as counter, torch.no_grad():
         fn()
     return int(counter.get_total_flops())
 
