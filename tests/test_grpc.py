@@ -14,7 +14,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterator
@@ -405,3 +404,33 @@ def test_cli_worker_subprocess_with_token_from_env(bert: dict[str, Any]) -> None
     finally:
         proc.terminate()
         assert proc.wait(15) == 0  # SIGTERM stops it cleanly
+
+
+def test_cli_infer_text_is_tokenised_by_the_plans_teacher(tmp_path: Path, bert: dict[str, Any]) -> None:
+    from coformer.cli import build_cli
+
+    backbone, teacher = bert["backbone"], bert["teacher"]
+    source = backbone.save(teacher, tmp_path / "teacher")
+    agg = _averaging(bert)
+    plan_dir = save_plan(tmp_path / "plan", submodels=bert["subs"], aggregator=agg,
+                         task_head=backbone.task_head(teacher), student_heads=list(agg.student_heads),
+                         meta={"backbone": "bert", "source": str(source), "classes": ["x", "y", "z"]})
+    servers = [serve("127.0.0.1:0", name=f"t{i}") for i in range(3)]
+    try:
+        texts = ["the match ended in a draw", "shares fell sharply"]
+        args = ["infer", "--plan", str(plan_dir), "--workers", ",".join(s.uri for s in servers), "--json"]
+        for t in texts:
+            args += ["--text", t]
+        result = CliRunner().invoke(build_cli(), args, catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        (rec,) = [json.loads(line) for line in result.stdout.splitlines()]
+        batch = backbone.prepare(teacher, texts)
+        with torch.inference_mode():
+            expected = agg([_local(s, batch).half().float() for s in bert["subs"]]).argmax(-1).tolist()
+        assert rec["prediction"] == expected and rec["labels"] == [["x", "y", "z"][p] for p in expected]
+        assert rec["missing"] == [] and len(rec["answered"]) == 3
+        no_input = CliRunner().invoke(build_cli(), args[:6])
+        assert no_input.exit_code != 0 and "--text" in no_input.output
+    finally:
+        for s in servers:
+            s.stop(0)
