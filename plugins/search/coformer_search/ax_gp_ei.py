@@ -8,8 +8,10 @@ What it actually uses (Ax 1.3): a generation strategy built by
 * surrogate: ``botorch.models.SingleTaskGP`` with a ``gpytorch.kernels.MaternKernel(nu=1.5)``
   (the seed's smoothness ν = 1.5) with one length scale per parameter, *fitted* by marginal
   likelihood (the seed fixes l = 1; Ax normalises inputs and standardises Ψ first);
-* acquisition: ``botorch.acquisition.LogExpectedImprovement`` — the log of analytic expected
-  improvement, which has the same maximiser as EI and is numerically stable.
+* acquisition: ``botorch.acquisition.logei.qLogExpectedImprovement`` — the (Monte-Carlo, q=1)
+  log of expected improvement, which has the same maximiser as EI and is numerically stable.
+  The MC form is needed because abandoned (infeasible) trials stay "pending" in Ax, and the
+  analytic EI constructor rejects pending points.
 
 Ax minimises Ψ (objective ``-psi``). Parameters are those of
 :class:`~coformer.search.PolicyEncoding`; proposals breaking C5/C6 are marked *abandoned* in
@@ -46,7 +48,7 @@ class AxGpEi(SearchStrategy):
         from ax.api.utils.generation_strategy_dispatch import choose_generation_strategy
         from ax.api.utils.structs import GenerationStrategyDispatchStruct
         from ax.generators.torch.botorch_modular.surrogate import ModelConfig
-        from botorch.acquisition.analytic import LogExpectedImprovement
+        from botorch.acquisition.logei import qLogExpectedImprovement
         from botorch.models import SingleTaskGP
         from gpytorch.kernels import MaternKernel
 
@@ -61,7 +63,7 @@ class AxGpEi(SearchStrategy):
         gs = choose_generation_strategy(
             GenerationStrategyDispatchStruct(method="custom", initialization_budget=self.init_trials,
                                              initialization_random_seed=self.seed),
-            model_config=model, botorch_acqf_class=LogExpectedImprovement)
+            model_config=model, botorch_acqf_class=qLogExpectedImprovement)
         client.set_generation_strategy(gs)
         return client
 
