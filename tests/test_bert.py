@@ -146,6 +146,11 @@ def test_real_submodel_round_trip_and_costs(real: Real) -> None:
     torch.testing.assert_close(_run(rebuilt.eval(), real.batch), _run(subs[0], real.batch), atol=0, rtol=0)
 
     teacher = measure_cost(real.model, real.batch)
+    # every FLOP is a matmul: QKV/output/MLP projections plus QK^T and attention·V per head
+    (b, s), sh = real.batch["input_ids"].shape, real.shape
+    projections = 2 * b * s * sum(4 * sh.embed_dim**2 + 2 * sh.embed_dim * m for m in sh.mlp)
+    attention = sum(2 * 2 * b * h * s * s * sh.head_dim for h in sh.heads)
+    assert teacher.flops == projections + attention
     costs = [measure_cost(s, real.batch) for s in subs]
     for c in costs:
         assert 0 < c.flops < teacher.flops and 0 < c.params < teacher.params
