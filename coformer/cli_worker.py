@@ -185,11 +185,15 @@ def _print_answer(i: int, rec: dict[str, Any]) -> None:
     from rich.table import Table
 
     shown = rec["labels"] or rec["prediction"]
+    if len(shown) > 8:
+        shown = f"{shown[:8]}… ({len(shown)} rows)"
     status = "[yellow]degraded[/yellow]" if rec["missing"] else "complete"
     table = Table(title=f"request {i}: answer {shown} ({status}, total {rec['total_ms']:.1f} ms, "
-                        f"t3 {rec['t3_ms']:.2f} ms)")
-    for col in ("device", "answered", "t1 compute ms", "t2 transfer ms", "round trip ms", "error"):
-        table.add_column(col)
+                        f"t3 aggregate {rec['t3_ms']:.2f} ms)")
+    table.add_column("worker", no_wrap=True)
+    for col in ("ok", "t1 ms", "t2 ms", "rtt ms"):
+        table.add_column(col, justify="right")
+    table.add_column("error")
     for d in rec["devices"]:
         err = rec["errors"].get(d["device"], "")
         table.add_row(d["device"], "yes" if d["ok"] else "[red]no[/red]", _fmt(d["t1_ms"]), _fmt(d["t2_ms"]),
