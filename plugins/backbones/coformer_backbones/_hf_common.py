@@ -160,10 +160,14 @@ class CompactAttention(nn.Module):
         self.k = nn.Linear(dim, n_kv * head_dim, bias=qkv_bias)
         self.v = nn.Linear(dim, n_kv * head_dim, bias=qkv_bias)
         self.o = nn.Linear(heads * head_dim, dim, bias=o_bias)
-        identity = kv_map is None or list(kv_map) == list(range(heads))
-        self.register_buffer("kv_map", None if identity else torch.tensor(kv_map, dtype=torch.long),
-                             persistent=False)
+        self._kv_list = None if kv_map is None or list(kv_map) == list(range(heads)) else list(kv_map)
+        self.register_buffer("kv_map", None, persistent=False)
+        self.rebuild_buffers()
         self.rel_bias = nn.Parameter(torch.zeros(rel_buckets, heads)) if rel_buckets else None
+
+    def rebuild_buffers(self) -> None:
+        """(Re)create the non-persistent key/value index buffer from the constructor arguments."""
+        self.kv_map = None if self._kv_list is None else torch.tensor(self._kv_list, dtype=torch.long)
 
     def forward(self, x: Tensor, mask: Tensor, rope: tuple[Tensor, Tensor] | None,
                 buckets: Tensor | None) -> Tensor:
@@ -236,12 +240,22 @@ class CompactLM(SubModel):
         self.feature_dim = d
         self.embed = nn.Embedding(config["vocab_size"], d)
         self.pos = nn.Embedding(config["max_positions"], d) if config["positions"] == "learned" else None
-        if config["positions"] == "rope":
-            self.register_buffer("inv_freq", torch.tensor(config["rope_inv_freq"], dtype=torch.float32),
-                                 persistent=False)
+        self.register_buffer("inv_freq", None, persistent=False)
         self.layers = nn.ModuleList(CompactBlock(config, k) for k in range(len(config["heads"])))
         self.final_norm = _norm(config["norm"], d, config["norm_eps"])
         self.lm_head = nn.Linear(d, config["vocab_size"], bias=False) if config.get("lm_head") == "separate" else None
+        self.rebuild_buffers()
+
+    def rebuild_buffers(self) -> None:
+        """(Re)create the non-persistent buffers (RoPE frequencies, key/value maps) from ``config``.
+
+        Slicing builds the module on the meta device and assigns the sliced weights (no random
+        init, no second copy), after which these buffers are made here on the CPU.
+        """
+        if self.config["positions"] == "rope":
+            self.inv_freq = torch.tensor(self.config["rope_inv_freq"], dtype=torch.float32)
+        for layer in self.layers:
+            layer.attn.rebuild_buffers()
 
     def hidden_states(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """Final-normed hidden states ``[B, T, embed_dim]``."""
@@ -327,7 +341,8 @@ def slice_canonical(arch: dict[str, Any], glob: Canon, layers: Sequence[Canon], 
         "teacher_layers": list(selection.layers),
         "teacher_channels": list(selection.channels),
     }
-    sub = CompactLM(config)
+    with torch.device("meta"):  # weights are assigned below: skip the random init
+        sub = CompactLM(config)
     ch = torch.tensor(selection.channels, dtype=torch.long)
 
     def take(t: Tensor | None, dim: int, idx: Tensor) -> Tensor | None:
@@ -360,7 +375,8 @@ def slice_canonical(arch: dict[str, Any], glob: Canon, layers: Sequence[Canon], 
             state[p + f"mlp.{name}.bias"] = take(canon.get(name + "_b"), 0, mrow)
         state[p + "mlp.down.weight"] = take(take(canon["down_w"], 0, ch), 1, mrow)
         state[p + "mlp.down.bias"] = take(canon.get("down_b"), 0, ch)
-    sub.load_state_dict({k: v for k, v in state.items() if v is not None}, strict=True)
+    sub.load_state_dict({k: v for k, v in state.items() if v is not None}, strict=True, assign=True)
+    sub.rebuild_buffers()
     return sub.eval()
 
 
@@ -544,16 +560,8 @@ class HFBackbone(Backbone):
         teacher = self._teacher(model)
         out = Path(path)
         out.mkdir(parents=True, exist_ok=True)
-        hf = teacher.hf
-        quant = getattr(hf.config, "quantization_config", None)
         with quiet_transformers():
-            if quant is not None:  # a GGUF-loaded model is already dequantised: save it as plain float
-                delattr(hf.config, "quantization_config")
-            try:
-                hf.save_pretrained(out, safe_serialization=True)
-            finally:
-                if quant is not None:
-                    hf.config.quantization_config = quant
+            teacher.hf.save_pretrained(out, safe_serialization=True)
             if not isinstance(teacher.tokenizer, HashTokenizer):
                 teacher.tokenizer.save_pretrained(out)
         (out / BACKBONE_CONFIG).write_text(json.dumps({"backbone": self.name, "max_length": teacher.max_length}))

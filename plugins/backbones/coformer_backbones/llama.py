@@ -90,12 +90,20 @@ class LlamaBackbone(HFBackbone):
     def _from_pretrained_default(self, path: Path, extra: dict[str, Any]) -> nn.Module:
         from transformers import AutoModelForCausalLM
 
-        return AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32, **extra)
+        hf = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32, **extra)
+        if "gguf_file" in extra:
+            # transformers dequantises GGUF tensors on load: the model is plain float32 from here on,
+            # so drop the quantizer marks that would forbid save_pretrained
+            hf.hf_quantizer = None
+            if hasattr(hf.config, "quantization_config"):
+                delattr(hf.config, "quantization_config")
+        return hf
 
     def load(self, source: str | Path | None = None, *, num_labels: int | None = None):  # noqa: ANN201
         """Load a local Llama directory, or SmolLM2-135M-Instruct when ``None`` (cached after the first load)."""
+        from_gguf = source is None and "gguf_file" in self._default_source()[1]
         teacher = super().load(source, num_labels=num_labels)
-        if source is None and getattr(teacher.hf.config, "quantization_config", None) is not None:
+        if from_gguf:
             self._cache_default(teacher)
         return teacher
 
