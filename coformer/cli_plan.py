@@ -1,0 +1,241 @@
+"""``coformer profile`` and ``coformer plan``: measure devices, then search a decomposition policy.
+
+``plan`` needs a teacher *with a task head* for the accuracy proxy L_val. ``--teacher DIR`` takes
+one saved by ``Backbone.save`` (e.g. a fine-tuned teacher); otherwise the teacher is not
+fine-tuned, so a linear head is fitted on its frozen features of part of the training split
+(multinomial logistic regression, full-batch Adam) and used as "the teacher's head". Validation
+data: BBC News' validation split (a fixed subset, ``--val-docs``) for text backbones.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import click
+import torch
+from torch import nn
+
+from coformer.backbone import Backbone, Batch
+from coformer.cli import cli, console
+from coformer.data import TensorDataset
+from coformer.heads import ClassifierHead
+
+
+def reference_input(backbone: Backbone, teacher: nn.Module) -> Batch:
+    """The batch-1 input latency and costs are measured on: one real BBC article for text backbones."""
+    if backbone.modality == "text":
+        from coformer.data import load_bbc_news
+
+        return backbone.prepare(teacher, load_bbc_news().val.examples[:1])
+    return backbone.example_batch(teacher, batch_size=1)
+
+
+def _subset(examples: Sequence[Any], labels: Sequence[int], n: int, seed: int) -> tuple[list, list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(labels), generator=g)[:n].tolist()
+    return [examples[i] for i in idx], [labels[i] for i in idx]
+
+
+@torch.no_grad()
+def _features(backbone: Backbone, teacher: nn.Module, data: TensorDataset, batch_size: int = 16) -> torch.Tensor:
+    return torch.cat([backbone.features(teacher, b) for _, b in data.batches(batch_size)])
+
+
+def fit_linear_head(features: torch.Tensor, labels: torch.Tensor, num_labels: int, *, steps: int = 300,
+                    lr: float = 0.05, weight_decay: float = 1e-4, seed: int = 0) -> ClassifierHead:
+    """A linear :class:`ClassifierHead` fitted on frozen features (logistic regression)."""
+    torch.manual_seed(seed)
+    head = ClassifierHead(features.shape[1], num_labels)
+    opt = torch.optim.Adam(head.parameters(), lr=lr, weight_decay=weight_decay)
+    for _ in range(steps):
+        opt.zero_grad()
+        nn.functional.cross_entropy(head(features), labels).backward()
+        opt.step()
+    return head.eval()
+
+
+def validation_task(backbone: Backbone, teacher: nn.Module, *, val_docs: int = 64, train_docs: int = 160,
+                    fit_head: bool = True, seed: int = 0) -> tuple[TensorDataset, nn.Module, dict[str, Any]]:
+    """BBC News validation subset and the head L_val is computed with (fitted linear head or the teacher's)."""
+    if backbone.modality != "text":
+        raise click.UsageError(f"plan's built-in validation data is BBC News (text); backbone "
+                               f"{backbone.name!r} is {backbone.modality!r}")
+    from coformer.data import load_bbc_news
+
+    data = load_bbc_news(seed=seed)
+    vx, vy = _subset(data.val.examples, data.val.labels, val_docs, seed)
+    val = TensorDataset(backbone.prepare(teacher, vx), torch.tensor(vy))
+    info: dict[str, Any] = {"dataset": "bbc_news", "val_docs": len(vy), "classes": data.classes}
+    if not fit_head:
+        head = backbone.task_head(teacher)
+        info["head"] = "teacher"
+    else:
+        tx, ty = _subset(data.train.examples, data.train.labels, train_docs, seed)
+        train = TensorDataset(backbone.prepare(teacher, tx), torch.tensor(ty))
+        head = fit_linear_head(_features(backbone, teacher, train), train.labels, len(data.classes), seed=seed)
+        with torch.no_grad():
+            acc = float((head(_features(backbone, teacher, val)).argmax(1) == val.labels).float().mean())
+        info.update({"head": f"linear head fitted on frozen teacher features of {len(ty)} training docs",
+                     "teacher_val_accuracy": acc})
+    return val, head, info
+
+
+def load_predictors(spec: str | None) -> dict[str, Any]:
+    """``--predictors DIR``: every ``*.json`` latency predictor in DIR, keyed by its device name."""
+    from coformer.predictor import LatencyPredictor
+
+    if not spec:
+        return {}
+    out = {}
+    for f in sorted(Path(spec).glob("*.json")):
+        doc = json.loads(f.read_text())
+        if doc.get("kind") == "coformer-latency-predictor":
+            out[doc["device"]] = LatencyPredictor.load(f)
+    if not out:
+        raise click.UsageError(f"{spec}: no latency predictors (*.json written by `coformer profile --train`)")
+    return out
+
+
+@cli.command("profile")
+@click.option("--backbone", "backbone_name", default="bert", show_default=True)
+@click.option("--source", default=None, help="Teacher directory (default: the embedded model; 'tiny' for a test model).")
+@click.option("--device-name", required=True, help="Name this profile (and its predictor) is stored under.")
+@click.option("--cpu-quota", type=float, default=None, help="Measure in a cgroup limited to this many cores (root).")
+@click.option("--worker", "worker_uri", default=None, help="Measure on a remote worker (e.g. grpc://host:port).")
+@click.option("--threads", type=int, default=None, help="Torch threads for a local measurement.")
+@click.option("--shapes", type=int, default=50, show_default=True, help="How many sub-model shapes.")
+@click.option("--repeats", type=int, default=5, show_default=True)
+@click.option("--warmup", type=int, default=2, show_default=True)
+@click.option("--statistic", type=click.Choice(["median", "min"]), default="median", show_default=True)
+@click.option("--train/--no-train", default=True, show_default=True,
+              help="Also train the latency predictor and report held-out error.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Profile file (.json; a .csv is written too).")
+def profile_cmd(backbone_name: str, source: str | None, device_name: str, cpu_quota: float | None,
+                worker_uri: str | None, threads: int | None, shapes: int, repeats: int, warmup: int, statistic: str,
+                train: bool, seed: int, out: str) -> None:
+    """Measure the latency of a pool of sub-model shapes on one device; optionally train its predictor."""
+    import coformer
+    from coformer.predictor import train_and_score
+    from coformer.profiler import (load_teacher, profile_cpu_quota, profile_local, profile_remote,
+                                   sample_shapes)
+
+    if cpu_quota is not None and worker_uri is not None:
+        raise click.UsageError("--cpu-quota and --worker are exclusive: a quota applies to this host only")
+    backbone = coformer.create_backbone(backbone_name)
+    teacher = load_teacher(backbone, source)
+    specs = sample_shapes(backbone.shape(teacher), shapes, seed)
+    if cpu_quota is not None:
+        prof = profile_cpu_quota(backbone_name, source, specs, cpu_quota, device=device_name, warmup=warmup,
+                                 repeats=repeats, progress=True, statistic=statistic)
+    elif worker_uri is not None:
+        prof = profile_remote(backbone, teacher, specs, worker_uri, device=device_name, warmup=warmup,
+                              repeats=repeats, progress=True, statistic=statistic)
+    else:
+        prof = profile_local(backbone, teacher, specs, device=device_name, threads=threads, warmup=warmup,
+                             repeats=repeats, progress=True, statistic=statistic)
+    js, cs = prof.save(out)
+    console.print(f"profile of {len(prof.records)} shapes on {device_name!r}: {js} and {cs}")
+    if train:
+        pred, report = train_and_score(prof.records, device_name, seed=seed)
+        path = pred.save(Path(js).with_name(f"{device_name}.predictor"))
+        p, b = report["predictor"], report["flops_baseline"]
+        console.print(f"predictor {path}: held-out ({report['held_out_shapes']} shapes) RMSE {p['rmse_ms']:.3f} ms, "
+                      f"MAPE {p['mape_pct']:.1f}%; FLOPs-proportional baseline RMSE {b['rmse_ms']:.3f} ms, "
+                      f"MAPE {b['mape_pct']:.1f}%")
+
+
+def plot_convergence(result: Any, path: Path) -> None:
+    """Best Ψ after each evaluated trial."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curve = result.best_so_far()
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.plot(range(1, len(curve) + 1), curve, marker="o", ms=3)
+    ax.set_xlabel("evaluated trial")
+    ax.set_ylabel("best Ψ = L_val + δ·T")
+    ax.set_title(f"{result.strategy}: convergence")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+@cli.command("plan")
+@click.option("--backbone", "backbone_name", default="bert", show_default=True)
+@click.option("--source", default=None, help="Teacher directory (default: the embedded model).")
+@click.option("--teacher", "teacher_dir", default=None, type=click.Path(exists=True, file_okay=False),
+              help="A teacher saved with its task head (Backbone.save); otherwise a linear head is fitted.")
+@click.option("--devices", default="jetson-nano,jetson-tx2,orin-nano", show_default=True,
+              help="Built-in device names, comma-separated, or a .toml/.json file of device profiles.")
+@click.option("--predictors", "predictor_dir", default=None, type=click.Path(exists=True, file_okay=False),
+              help="Directory of latency predictors (by device name); others use FLOPs / GFLOPS estimates.")
+@click.option("--link-mbps", type=float, default=None, help="Link rate for every device (default: each device's).")
+@click.option("--delta", type=float, default=0.5, show_default=True, help="δ in Ψ = L_val + δ·T (T in ms).")
+@click.option("--trials", type=int, default=30, show_default=True, help="Evaluated (feasible) policies.")
+@click.option("--strategy", default="ax_gp_ei", show_default=True)
+@click.option("--val-docs", type=int, default=64, show_default=True)
+@click.option("--train-docs", type=int, default=160, show_default=True, help="Docs for the fitted linear head.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", required=True, type=click.Path(file_okay=False))
+def plan_cmd(backbone_name: str, source: str | None, teacher_dir: str | None, devices: str,
+             predictor_dir: str | None, link_mbps: float | None, delta: float, trials: int, strategy: str,
+             val_docs: int, train_docs: int, seed: int, out: str) -> None:
+    """Search a decomposition policy minimising Ψ; writes OUT/plan.json and OUT/convergence.png."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    import coformer
+    from coformer.evaluator import Evaluator
+    from coformer.spec import resolve_devices
+
+    t0 = time.perf_counter()
+    devs = resolve_devices(devices)
+    search = coformer.create_search_strategy(strategy, seed=seed)
+    backbone = coformer.create_backbone(backbone_name)
+    teacher = backbone.load(teacher_dir or source).eval()
+    val, head, data_info = validation_task(backbone, teacher, val_docs=val_docs, train_docs=train_docs,
+                                           fit_head=teacher_dir is None, seed=seed)
+    ev = Evaluator(backbone, teacher, devs, val=val, head=head, predictors=load_predictors(predictor_dir),
+                   delta=delta, link_mbps=link_mbps, cost_batch=reference_input(backbone, teacher))
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("best Ψ {task.fields[best]}"), TimeElapsedColumn(), console=console) as bar:
+        task = bar.add_task(f"plan ({strategy})", total=trials, best="-")
+        best = [float("inf")]
+
+        def on_trial(rec: Any) -> None:
+            if rec.feasible:
+                best[0] = min(best[0], rec.psi)
+                bar.update(task, advance=1, best=f"{best[0]:.4f}")
+
+        result = search.search(ev, trials, on_trial=on_trial)
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    policy = result.best_policy
+    policy.meta.update({"strategy": strategy, "backbone": backbone_name})
+    doc = {
+        "policy": policy.to_dict(),
+        "predicted": result.best.components(),
+        "strategy": strategy,
+        "backbone": backbone_name,
+        "source": teacher_dir or source,
+        "delta": delta,
+        "link_mbps": link_mbps,
+        "validation": data_info,
+        "model_evaluations": ev.model_evaluations,
+        "seconds": time.perf_counter() - t0,
+        "trials": [t.to_dict() for t in result.trials],
+    }
+    (out_dir / "plan.json").write_text(json.dumps(doc, indent=2))
+    plot_convergence(result, out_dir / "convergence.png")
+    comp = result.best.components()
+    console.print(f"best Ψ {comp['psi']:.4f} = L_val {comp['L_val']:.4f} + {delta}·T {comp['T_ms']:.3f} ms "
+                  f"after {ev.model_evaluations} evaluations ({len(result.trials)} proposals)")
+    for name, d in comp["devices"].items():
+        console.print(f"  {name}: t1 {d['t1_ms']:.3f} ms ({d['t1_source']}), t2 {d['t2_ms']:.4f} ms, "
+                      f"L_val {d['L_val']:.4f}, {d['gflops']:.3f} GFLOPs")
+    console.print(f"wrote {out_dir / 'plan.json'} and {out_dir / 'convergence.png'}")
