@@ -166,7 +166,8 @@ def bench_cmd(plan_dir: str, testbed: bool, workers: str | None, teacher_dir: st
         state = state_file or os.path.join(tempfile.mkdtemp(prefix="coformer-bench-"), "testbed.json")
         log(f"testbed: bringing up {', '.join(d.name for d in devs)} (state {state})")
         try:
-            bed = tb.up(devs, [rates[0]], prefix="cb", state_file=state, subnet=214, cores=cores)
+            # up at the fastest rate: sub-model weights (tens of MB) are deployed before the links are reshaped
+            bed = tb.up(devs, [max(rates)], prefix="cb", state_file=state, subnet=214, cores=cores)
         except (tb.TestbedError, ValueError) as exc:
             raise click.ClickException(f"testbed: {exc}") from exc
         clients = []
