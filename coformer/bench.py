@@ -252,7 +252,9 @@ def run_bench(setup: BenchSetup, cfg: BenchConfig, *, accuracy_limit: int | None
             "memory": "module memory = weights + measured peak activations of one call (coformer.measure)",
             "energy": "ESTIMATE: sum over devices of worker-reported compute time x device profile power (W); "
                       "idle and network power excluded",
-            "overhead": "end-to-end - critical-path compute - modelled wire time",
+            "overhead": "end-to-end - critical-path compute - modelled wire time; on shaped links it can be "
+                        "negative: the tbf bucket (burst >= 16 KiB) passes small transfers at line rate, so "
+                        "bytes/rate overestimates their wire time",
             "pipeline": "hidden states go device -> coordinator -> next device (the star network's path)",
         },
     }
@@ -361,6 +363,7 @@ def device_count_run(plan: Any, clients: Sequence[WorkerClient], devices: Sequen
     finally:
         method.close()
     r["rate_mbps"] = rate_mbps
+    r["link"] = "shaped" if shaped else "modelled"
     r["accuracy"] = accuracy if accuracy is not None else r["sample_accuracy"]
     r["accuracy_source"] = "plan figures" if accuracy is not None else "sample of the requests"
     return r

@@ -97,10 +97,15 @@ def test_bench_cli_with_inproc_workers(tiny: dict[str, Any], tmp_path: Path) -> 
     out = tmp_path / "out"
     args = ["bench", "--plan", str(tiny["root"] / "plan"), "--workers", "inproc://c0,inproc://c1,inproc://c2",
             "--link-mbps", "2,1000", "--requests", "3", "--warmup", "1", "--accuracy-limit", "8",
-            "--teacher", str(tiny["root"] / "teacher"), "--recompute-accuracy", "--out", str(out)]
+            "--teacher", str(tiny["root"] / "teacher"), "--recompute-accuracy", "--out", str(out),
+            "--device-plans", str(tiny["root"] / "plan"), "--device-count-rate", "100"]
     res = CliRunner().invoke(build_cli(), args)
     assert res.exit_code == 0, res.output
     doc = json.loads((out / "bench.json").read_text())
     assert {r["method"] for r in doc["runs"]} == {"teacher", "coformer", "pipeline", "tensor-parallel"}
+    # the device-count table: the main plan and each extra plan, CoFormer alone at the chosen rate
+    assert [(len(r["devices"]), r["rate_mbps"], r["link"])
+            for r in doc["device_count"]] == [(3, 100.0, "modelled")] * 2
+    assert "| CoFormer devices |" in (out / "bench.md").read_text()
     bad = CliRunner().invoke(build_cli(), [*args[:4], "inproc://c0", *args[5:]])
     assert bad.exit_code != 0 and "one URI per sub-model" in bad.output
