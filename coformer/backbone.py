@@ -91,10 +91,11 @@ class Backbone(ABC):
     modality: ClassVar[str] = "text"
 
     @abstractmethod
-    def load(self, source: str | Path | None = None, *, num_labels: int | None = None) -> nn.Module:
+    def load(self, source: str | Path | None = None, *, num_labels: int | None = None, **options: Any) -> nn.Module:
         """Load the teacher from a local directory/checkpoint, or the embedded default when ``None``.
 
-        ``num_labels`` attaches a fresh classification task head of that size.
+        ``num_labels`` attaches a fresh classification task head of that size; ``options`` are
+        backbone-specific (e.g. ``max_length`` for text backbones) and unknown ones raise ``TypeError``.
         """
 
     @abstractmethod

@@ -98,6 +98,8 @@ def run_demo(
     config: BoosterConfig | None = None,
     out: str | Path = "coformer-demo",
     seed: int = 0,
+    dataset: RawDataset | None = None,
+    load_options: dict[str, Any] | None = None,
     latency_repeats: int = 30,
     console: Console | None = None,
 ) -> DemoResult:
@@ -106,7 +108,7 @@ def run_demo(
     started = time.perf_counter()
     torch.manual_seed(seed)
     backbone = registry.create("backbone", backbone_name)
-    data = default_dataset(backbone.modality)
+    data = dataset or default_dataset(backbone.modality)
     config = config or BoosterConfig(seed=seed)
 
     with _progress(console) as prog:
@@ -117,7 +119,8 @@ def run_demo(
                 tasks[desc] = prog.add_task(desc, total=total)
             prog.update(tasks[desc], completed=done)
 
-        teacher = prepare_teacher(backbone, data, source=source, seed=seed, progress=report)
+        teacher = prepare_teacher(backbone, data, source=source, seed=seed, load_options=load_options,
+                                  progress=report)
     console.print(f"teacher: {backbone_name} ({'cached' if teacher.cached else 'fine-tuned'} at {teacher.path})")
 
     shape = backbone.shape(teacher.model)
@@ -180,13 +183,13 @@ def run_demo(
                      sum(c.flops for c in costs) + agg_flops, co_latency,
                      {"aggregator": aggregator_name, "weight_rule": config.weight_rule})
 
-    meta = {"backbone": backbone_name, "dataset": data.name, "classes": data.classes,
+    meta = {"backbone": backbone_name, "dataset": data.name, "classes": data.classes, "load_options": load_options,
             "test_size": len(labels), "policy": policy.to_dict(), "seed": seed,
             "booster": {k: str(v) for k, v in vars(config).items()}}
     plan_dir = save_plan(out, submodels=submodels, aggregator=aggregator, task_head=task_head,
                          student_heads=students,
-                         meta={"backbone": backbone_name, "source": source, "policy": policy.to_dict(),
-                               "selections": None, "importance": None,
+                         meta={"backbone": backbone_name, "source": source, "load_options": load_options,
+                               "classes": data.classes, "dataset": data.name, "policy": policy.to_dict(),
                                "figures": {"teacher": t_fig.to_dict(), "submodels": [s.to_dict() for s in sub_figs],
                                            "coformer": co_fig.to_dict()}})
     return DemoResult(t_fig, sub_figs, co_fig, plan_dir, time.perf_counter() - started, meta)

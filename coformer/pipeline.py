@@ -42,7 +42,7 @@ def encode(backbone: Backbone, model: nn.Module, split: RawSplit, batch_size: in
     return TensorDataset(inputs, torch.tensor(split.labels, dtype=torch.long))
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def compute_features(fn: Callable[[Batch], Tensor], data: TensorDataset, batch_size: int = 64,
                      progress: Callable[[int], None] | None = None) -> Tensor:
     """``fn(batch)`` over the whole dataset in order, concatenated (``[M, d]``)."""
@@ -95,16 +95,20 @@ class Teacher:
 
 
 def prepare_teacher(backbone: Backbone, data: RawDataset, *, source: str | None = None, seed: int = 0,
-                    cache: Path | None = None, progress: Callable[[str, int, int], None] | None = None) -> Teacher:
+                    load_options: dict[str, Any] | None = None, cache: Path | None = None,
+                    progress: Callable[[str, int, int], None] | None = None) -> Teacher:
     """Load the teacher, fine-tune its task head on ``data`` (cached; reused next time), encode the splits.
 
     The encoder is kept frozen: the head is fitted on its features. The fine-tuned teacher is
-    saved with ``backbone.save`` under the cache directory keyed by backbone, source and data.
+    saved with ``backbone.save`` under the cache directory keyed by backbone, source, options and data.
+    ``load_options`` go to ``backbone.load`` (e.g. ``max_length``).
     """
-    key = _dataset_key(data, {"backbone": backbone.name, "source": str(source), "seed": seed})
+    load_options = dict(load_options or {})
+    key = _dataset_key(data, {"backbone": backbone.name, "source": str(source), "seed": seed, **load_options})
     path = (cache or cache_dir()) / "teachers" / f"{backbone.name}-{data.name}-{key}"
     cached = (path / "coformer_teacher.json").exists()
-    model = backbone.load(path if cached else source, num_labels=None if cached else len(data.classes))
+    model = backbone.load(path if cached else source, num_labels=None if cached else len(data.classes),
+                          **load_options)
     model.eval()
     splits = {name: encode(backbone, model, getattr(data, name)) for name in ("train", "val", "test")}
     feats = {}

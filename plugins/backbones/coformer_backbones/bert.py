@@ -222,11 +222,13 @@ class BertBackbone(BertParallelMixin, Backbone):
 
     # -- loading and saving -------------------------------------------------------------------
 
-    def load(self, source: str | Path | None = None, *, num_labels: int | None = None) -> BertTeacher:
+    def load(self, source: str | Path | None = None, *, num_labels: int | None = None,
+             max_length: int | None = None) -> BertTeacher:
         """Load a teacher from a local HF BERT directory, or the embedded all-MiniLM-L6-v2 when ``None``.
 
         A ``coformer_head.*`` pair saved by :meth:`save` is restored; ``num_labels`` attaches a
         fresh head of that size instead (a new task) when none is saved or its size differs.
+        ``max_length`` overrides the saved (or default 128) number of tokens ``prepare`` keeps.
         """
         from transformers import AutoConfig, AutoTokenizer, BertModel
 
@@ -254,10 +256,11 @@ class BertBackbone(BertParallelMixin, Backbone):
             tokenizer = (AutoTokenizer.from_pretrained(path, local_files_only=True) if has_vocab
                          else HashTokenizer(config.vocab_size))
         bert.eval()
-        max_length = DEFAULT_MAX_LENGTH
         if (path / BACKBONE_CONFIG).exists():
-            max_length = int(json.loads((path / BACKBONE_CONFIG).read_text())["max_length"])
-        max_length = min(max_length, config.max_position_embeddings)
+            saved_length = int(json.loads((path / BACKBONE_CONFIG).read_text())["max_length"])
+        else:
+            saved_length = DEFAULT_MAX_LENGTH
+        max_length = min(max_length or saved_length, config.max_position_embeddings)
         head = None
         if (path / HEAD_CONFIG).exists():
             head_cfg = json.loads((path / HEAD_CONFIG).read_text())
