@@ -241,3 +241,22 @@ def test_real_smollm2_loads_and_full_submodel_reproduces_it() -> None:
     assert ppl < 200, f"SmolLM2 perplexity {ppl:.1f} on plain English: the weights did not load correctly"
     last = batch["attention_mask"][0].sum() - 1
     assert "Rome" in model.tokenizer.decode(logits[0, last].argmax())
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_headless_causal_lm_importance_uses_next_token_loss(name: str) -> None:
+    """Without a classification head, scores come from next-token cross-entropy (and the LM head is the task head)."""
+    backbone = coformer.create_backbone(name)
+    model = backbone.tiny(seed=0)
+    batch = backbone.example_batch(model, batch_size=4, seed=1)
+    with_head = backbone.importance(model, batch)
+    model.head = None
+    lm = backbone.importance(model, batch)
+    for scores in (lm.channels, torch.cat(lm.heads), torch.cat(lm.mlp), lm.layers):
+        assert torch.isfinite(scores).all() and scores.std() > 0
+    assert not torch.allclose(torch.cat(lm.mlp), torch.cat(with_head.mlp))
+    with torch.no_grad():
+        logits = backbone.forward_teacher(model, batch)
+        ref = model.hf(**batch).logits
+    last = batch["attention_mask"].sum(1) - 1
+    torch.testing.assert_close(logits, ref[torch.arange(4), last], atol=1e-5, rtol=1e-4)
