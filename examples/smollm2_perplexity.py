@@ -40,8 +40,7 @@ def main() -> None:
 
     backbone = coformer.create_backbone("llama")
     start = time.perf_counter()
-    teacher = backbone.load()
-    teacher.max_length = args.max_length
+    teacher = backbone.load(max_length=args.max_length)
     load_s = time.perf_counter() - start
     shape = backbone.shape(teacher)
 

@@ -260,3 +260,14 @@ def test_headless_causal_lm_importance_uses_next_token_loss(name: str) -> None:
         ref = model.hf(**batch).logits
     last = batch["attention_mask"].sum(1) - 1
     torch.testing.assert_close(logits, ref[torch.arange(4), last], atol=1e-5, rtol=1e-4)
+
+
+def test_max_length_option_truncates_and_unknown_options_raise(tmp_path) -> None:
+    _save_hf("gpt2", tmp_path / "ckpt")
+    backbone = coformer.create_backbone("gpt2")
+    model = backbone.load(tmp_path / "ckpt", max_length=5)
+    batch = backbone.prepare(model, ["one two three four five six seven eight", "short"])
+    assert batch["input_ids"].shape == (2, 5) and batch["attention_mask"][1].sum() == 1
+    assert backbone.load(tmp_path / "ckpt", max_length=1000).max_length == 32  # capped at n_positions
+    with pytest.raises(TypeError):
+        backbone.load(tmp_path / "ckpt", image_size=224)

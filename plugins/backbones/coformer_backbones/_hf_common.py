@@ -503,11 +503,13 @@ class HFBackbone(Backbone):
             return None
         return "tied" if lm.weight is hf.get_input_embeddings().weight else "separate"
 
-    def load(self, source: str | Path | None = None, *, num_labels: int | None = None) -> HFTeacher:
+    def load(self, source: str | Path | None = None, *, num_labels: int | None = None,
+             max_length: int | None = None) -> HFTeacher:
         """Load a teacher from a local transformers directory (or the embedded default when ``None``).
 
         A ``coformer_head.*`` pair written by :meth:`save` is restored; ``num_labels`` attaches a
         fresh head of that size instead when none is saved or the saved one has another size.
+        ``max_length`` overrides the saved (or default 128) number of tokens ``prepare`` keeps.
         """
         from transformers import AutoConfig, AutoTokenizer
 
@@ -536,9 +538,13 @@ class HFBackbone(Backbone):
         if getattr(tokenizer, "pad_token", 1) is None:
             tokenizer.pad_token = tokenizer.eos_token
         hf.eval()
-        max_length = DEFAULT_MAX_LENGTH
+        saved_length = DEFAULT_MAX_LENGTH
         if (path / BACKBONE_CONFIG).exists():
-            max_length = int(json.loads((path / BACKBONE_CONFIG).read_text())["max_length"])
+            saved_length = int(json.loads((path / BACKBONE_CONFIG).read_text())["max_length"])
+        max_length = max_length or saved_length
+        limit = getattr(hf.config, "n_positions", None) or getattr(hf.config, "max_position_embeddings", None)
+        if limit:
+            max_length = min(max_length, limit)
         head = None
         if (path / HEAD_CONFIG).exists():
             head_cfg = json.loads((path / HEAD_CONFIG).read_text())

@@ -99,10 +99,11 @@ class LlamaBackbone(HFBackbone):
                 delattr(hf.config, "quantization_config")
         return hf
 
-    def load(self, source: str | Path | None = None, *, num_labels: int | None = None):  # noqa: ANN201
+    def load(self, source: str | Path | None = None, *, num_labels: int | None = None,  # noqa: ANN201
+             max_length: int | None = None):
         """Load a local Llama directory, or SmolLM2-135M-Instruct when ``None`` (cached after the first load)."""
         from_gguf = source is None and "gguf_file" in self._default_source()[1]
-        teacher = super().load(source, num_labels=num_labels)
+        teacher = super().load(source, num_labels=num_labels, max_length=max_length)
         if from_gguf:
             self._cache_default(teacher)
         return teacher
