@@ -19,23 +19,23 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from coformer import registry
+from coformer import open_transport, registry
 from coformer.aggregator import Aggregator
 from coformer.artifacts import save_plan, submodel_artifact
-from coformer.booster import BoosterConfig, calibrate, train_aggregator
+from coformer.booster import BoosterConfig, calibrate, submodel_features, train_aggregator
 from coformer.data import RawDataset, load_bbc_news
 from coformer.decompose import proportional_specs
-from coformer.measure import count_flops, count_params, measure_cost
+from coformer.measure import count_flops, count_params
 from coformer.pipeline import (
     Figures,
     accuracy,
-    compute_features,
+    decompose_policy,
     median_latency_ms,
     prepare_teacher,
     teacher_figures,
 )
 from coformer.runtime import Coordinator
-from coformer.spec import Policy, resolve_devices, validate
+from coformer.spec import Policy, resolve_devices
 
 DEFAULT_DEVICES = ("jetson-nano", "jetson-tx2", "orin-nano")
 
@@ -131,28 +131,19 @@ def run_demo(
         specs = proportional_specs(shape, [d.gflops for d in profiles])
         policy = Policy(specs, profiles, {"source": "proportional to device GFLOPS"})
     one = teacher.test.batch([0])
-    validate(policy.specs, shape, policy.devices)
+    parts = decompose_policy(backbone, teacher, policy)
+    costs = parts.costs
 
-    calib_batch = teacher.train.batch(range(min(32, len(teacher.train))))
-    importance = backbone.importance(teacher.model, calib_batch)
-    submodels = backbone.decompose(teacher.model, policy.specs, importance=importance)
-    costs = [measure_cost(m, one) for m in submodels]
-    validate(policy.specs, shape, policy.devices, costs)  # C5/C6 on the real sliced modules
-
-    result = calibrate(backbone, teacher.model, submodels, teacher.train, config=config,
-                       teacher_labels=teacher.train_logits.argmax(-1))
+    hard = teacher.train_logits.argmax(-1)
+    result = calibrate(backbone, teacher.model, parts.submodels, teacher.train, config=config, teacher_labels=hard)
     submodels, students = result.submodels, result.student_heads
 
-    feats = {
-        split: [compute_features(lambda b, m=m: m(**b), getattr(teacher, split)) for m in submodels]
-        for split in ("train", "test")
-    }
+    feats = {split: submodel_features(submodels, getattr(teacher, split)) for split in ("train", "test")}
     task_head = backbone.task_head(teacher.model)
     aggregator: Aggregator = registry.create(
         "aggregator", aggregator_name, feature_dims=[m.feature_dim for m in submodels],
         embed_dim=shape.embed_dim, task_head=task_head, student_heads=students)
-    train_aggregator(aggregator, feats["train"], teacher.train.labels, config=config,
-                     teacher_labels=teacher.train_logits.argmax(-1))
+    train_aggregator(aggregator, feats["train"], teacher.train.labels, config=config, teacher_labels=hard)
     aggregator.eval()
 
     labels = teacher.test.labels
@@ -168,16 +159,11 @@ def run_demo(
     with torch.inference_mode():
         co_acc = accuracy(aggregator(feats["test"]), labels)
 
-    from coformer_transports import inprocess
-
-    uris = [f"inproc://demo-{n}" for n in range(len(submodels))]
-    clients = [registry.create("transport", "inproc", uri=u) for u in uris]
+    clients = [open_transport(f"inproc://demo-{n}") for n in range(len(submodels))]
     coord = Coordinator.deploy(clients, [submodel_artifact(m) for m in submodels], aggregator,
                                names=[d.name for d in policy.devices])
     co_latency = median_latency_ms(lambda: coord.infer(one), repeats=latency_repeats)
     coord.close()
-    for u in uris:
-        inprocess.shutdown(u.removeprefix("inproc://"))
     agg_flops = float(count_flops(lambda: aggregator([f[:1] for f in feats["test"]])))
     co_fig = Figures("CoFormer", co_acc, sum(c.params for c in costs) + count_params(aggregator),
                      sum(c.flops for c in costs) + agg_flops, co_latency,

@@ -181,3 +181,38 @@ def teacher_figures(backbone: Backbone, teacher: Teacher, one: Batch, repeats: i
 def params_of(modules: Sequence[nn.Module]) -> int:
     """Total parameters of several modules."""
     return sum(count_params(m) for m in modules)
+
+
+@dataclass
+class Decomposition:
+    """The sliced sub-models of one policy, which teacher units each kept, and their measured costs."""
+
+    policy: Any  # coformer.spec.Policy
+    selections: list[Any]  # coformer.spec.UnitSelection per sub-model
+    submodels: list[SubModel]
+    costs: list[Any]  # coformer.spec.SubModelCost per sub-model
+
+
+def decompose_policy(backbone: Backbone, teacher: Teacher, policy: Any, *, calib_size: int = 32) -> Decomposition:
+    """Check C1–C4, score units on a calibration batch, slice, then check C5/C6 on the real modules."""
+    from coformer.decompose import assign_units
+    from coformer.measure import measure_cost
+    from coformer.spec import validate
+
+    shape = backbone.shape(teacher.model)
+    validate(policy.specs, shape, policy.devices)
+    calib = teacher.train.batch(range(min(calib_size, len(teacher.train))))
+    selections = assign_units(shape, policy.specs, backbone.importance(teacher.model, calib))
+    submodels = [backbone.slice(teacher.model, s) for s in selections]
+    one = teacher.test.batch([0])
+    costs = [measure_cost(m, one) for m in submodels]
+    validate(policy.specs, shape, policy.devices, costs)
+    return Decomposition(policy, selections, submodels, costs)
+
+
+def scatter_logits(features: Tensor, channels: Sequence[int], embed_dim: int, head: nn.Module) -> Tensor:
+    """Logits of an *uncalibrated* sub-model: its features placed back in the teacher channels it kept
+    (zeros elsewhere), through the teacher's own head."""
+    full = features.new_zeros(features.shape[0], embed_dim)
+    full[:, torch.as_tensor(channels, dtype=torch.long)] = features
+    return head(full)
