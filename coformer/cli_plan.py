@@ -141,7 +141,7 @@ def profile_cmd(backbone_name: str, source: str | None, device_name: str, cpu_qu
     console.print(f"profile of {len(prof.records)} shapes on {device_name!r}: {js} and {cs}")
     if train:
         pred, report = train_and_score(prof.records, device_name, seed=seed)
-        path = pred.save(Path(js).with_name(f"{device_name}.predictor"))
+        path = pred.save(Path(js).with_name(f"{device_name}-predictor"))
         p, b = report["predictor"], report["flops_baseline"]
         console.print(f"predictor {path}: held-out ({report['held_out_shapes']} shapes) RMSE {p['rmse_ms']:.3f} ms, "
                       f"MAPE {p['mape_pct']:.1f}%; FLOPs-proportional baseline RMSE {b['rmse_ms']:.3f} ms, "

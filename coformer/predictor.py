@@ -24,6 +24,12 @@ from coformer.spec import SubModelSpec
 HIDDEN = 600
 
 
+def _stem(path: str | Path) -> Path:
+    """``path`` without a ``.json``/``.safetensors`` suffix (other dots, e.g. in device names, stay)."""
+    p = Path(path)
+    return p.with_suffix("") if p.suffix in {".json", ".safetensors"} else p
+
+
 def spec_features(spec: SubModelSpec) -> list[float]:
     """The predictor's input for ``spec``: [layers, embed dim, mean heads, mean MLP width]."""
     return [float(spec.layers), float(spec.embed_dim), spec.mean_heads, spec.mean_mlp]
@@ -98,20 +104,21 @@ class LatencyPredictor(nn.Module):
 
     def save(self, path: str | Path) -> Path:
         """Write ``<path>.safetensors`` and ``<path>.json``; returns the JSON path."""
-        base = Path(path).with_suffix("")
+        base = _stem(path)
         base.parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(base.with_suffix(".safetensors")))
+        weights, meta_file = Path(f"{base}.safetensors"), Path(f"{base}.json")
+        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(weights))
         doc = {"kind": "coformer-latency-predictor", "device": self.device_name, "hidden": self.hidden,
                "inputs": ["layers", "embed_dim", "mean_heads", "mean_mlp"], "unit": "ms",
-               "weights": base.with_suffix(".safetensors").name, "meta": self.meta}
-        base.with_suffix(".json").write_text(json.dumps(doc, indent=2))
-        return base.with_suffix(".json")
+               "weights": weights.name, "meta": self.meta}
+        meta_file.write_text(json.dumps(doc, indent=2))
+        return meta_file
 
     @classmethod
     def load(cls, path: str | Path) -> LatencyPredictor:
         """Inverse of :meth:`save` (give either file or the common stem)."""
-        base = Path(path).with_suffix("")
-        meta_file = base.with_suffix(".json")
+        base = _stem(path)
+        meta_file = Path(f"{base}.json")
         if not meta_file.exists():
             raise FileNotFoundError(f"{meta_file} not found: not a saved latency predictor "
                                     f"(train one with coformer.predictor.LatencyPredictor.fit and .save)")

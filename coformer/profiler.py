@@ -77,9 +77,10 @@ class Profile:
 
     def save(self, path: str | Path) -> tuple[Path, Path]:
         """Write ``<stem>.json`` and ``<stem>.csv``; returns both paths."""
-        base = Path(path).with_suffix("")
+        p = Path(path)
+        base = p.with_suffix("") if p.suffix in {".json", ".csv"} else p
         base.parent.mkdir(parents=True, exist_ok=True)
-        js, cs = base.with_suffix(".json"), base.with_suffix(".csv")
+        js, cs = Path(f"{base}.json"), Path(f"{base}.csv")
         js.write_text(json.dumps(self.to_dict(), indent=2))
         cols = ["device", "layers", "embed_dim", "mean_heads", "mean_mlp", "flops", "latency_ms"]
         with cs.open("w", newline="") as f:
@@ -94,7 +95,7 @@ class Profile:
     def load(cls, path: str | Path) -> Profile:
         """Read a profile written by :meth:`save` (the ``.json`` file or its stem)."""
         p = Path(path)
-        p = p if p.suffix == ".json" else p.with_suffix(".json")
+        p = p if p.suffix == ".json" else Path(f"{p.with_suffix('') if p.suffix == '.csv' else p}.json")
         if not p.exists():
             raise FileNotFoundError(f"{p} not found; create it with `coformer profile ... --out {p}`")
         data = json.loads(p.read_text())

@@ -30,13 +30,13 @@ def test_predictor_beats_flops_baseline_on_held_out_shapes(profile):
 
 
 def test_predictor_round_trips_through_safetensors_and_json(profile, tmp_path: Path):
-    pred = LatencyPredictor("host").fit(profile.records, epochs=100)
-    path = pred.save(tmp_path / "host")
-    assert path.suffix == ".json" and (tmp_path / "host.safetensors").exists()
+    pred = LatencyPredictor("host.v1").fit(profile.records, epochs=100)
+    path = pred.save(tmp_path / "host.v1")  # dots in device names survive
+    assert path.name == "host.v1.json" and (tmp_path / "host.v1.safetensors").exists()
     back = LatencyPredictor.load(path)
     specs = [r.spec for r in profile.records[:5]]
     assert back.predict_many(specs) == pred.predict_many(specs)
-    assert back.device_name == "host"
+    assert back.device_name == "host.v1"
 
 
 def test_flops_baseline_is_least_squares_through_the_origin(profile):
