@@ -1,64 +1,19 @@
-"""``coformer worker`` (serve one device), ``coformer infer`` (coordinate a plan) and ``coformer testbed``."""
+"""``coformer infer`` (coordinate a plan over any transport) and ``coformer testbed`` (emulated devices).
+
+``coformer worker`` is added by the transport plugin that serves it (gRPC).
+"""
 
 from __future__ import annotations
 
 import json
 import math
 import os
-import signal
-import sys
-import threading
 from pathlib import Path
 from typing import Any, Sequence
 
 import click
-from click.core import ParameterSource
 
 from coformer.cli import cli, console
-
-
-@cli.command("worker")
-@click.option("--listen", default="127.0.0.1:50051", show_default=True,
-              help="HOST:PORT to bind (port 0 picks a free one). Loopback unless you name another address here.")
-@click.option("--threads", type=int, default=None, help="torch threads for the sub-model (default: torch's).")
-@click.option("--name", default=None, help="Worker name reported to the coordinator (default: worker@ADDRESS).")
-@click.option("--token", envvar="COFORMER_TOKEN", default=None,
-              help="Shared secret every call must carry (or set COFORMER_TOKEN).")
-@click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False), default=None, help="PEM certificate.")
-@click.option("--tls-key", type=click.Path(exists=True, dir_okay=False), default=None, help="PEM private key.")
-@click.option("--max-message-mb", type=int, default=256, show_default=True,
-              help="Largest request/response accepted, in MiB (sub-model weights are tens of MB).")
-@click.option("--rpc-threads", type=int, default=8, show_default=True, help="Concurrent requests served.")
-@click.pass_context
-def worker_cmd(ctx: click.Context, listen: str, threads: int | None, name: str | None, token: str | None,
-               tls_cert: str | None, tls_key: str | None, max_message_mb: int, rpc_threads: int) -> None:
-    """Serve sub-models over gRPC until interrupted; prints the bound grpc:// address."""
-    from coformer_transports.grpc_transport import is_loopback, serve, split_hostport
-
-    explicit = ctx.get_parameter_source("listen") is not ParameterSource.DEFAULT
-    try:
-        host, _ = split_hostport(listen)
-        server = serve(listen, name=name, threads=threads, token=token, tls_cert=tls_cert, tls_key=tls_key,
-                       allow_remote=explicit, max_message_bytes=max_message_mb * 1024 * 1024,
-                       max_workers=rpc_threads)
-    except (ValueError, OSError) as exc:
-        raise click.UsageError(str(exc)) from exc
-    missing = [what for what, given in (("a token", token), ("TLS", tls_cert)) if not given]
-    if not is_loopback(host) and missing:
-        click.echo(f"warning: {listen} is reachable from other machines without {' and '.join(missing)}; "
-                   f"use it only on a trusted network", err=True)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    click.echo(f"coformer worker {server.state.name} listening on {server.uri} "
-               f"(threads={threads or 'default'}, tls={'on' if server.tls else 'off'}, "
-               f"token={'on' if token else 'off'})", nl=True)
-    sys.stdout.flush()
-    try:
-        while not stop.wait(0.5):
-            pass
-    except KeyboardInterrupt:
-        pass
-    server.stop(1.0)
 
 
 def _load_input(plan: Any, input_file: str | None, texts: Sequence[str]) -> dict[str, Any]:
@@ -78,7 +33,7 @@ def _load_input(plan: Any, input_file: str | None, texts: Sequence[str]) -> dict
     backbone = coformer.create_backbone(name)
     if backbone.modality != "text":
         raise click.UsageError(f"backbone {name!r} takes {backbone.modality} input; pass --input FILE instead")
-    teacher = backbone.load(source)
+    teacher = backbone.load(source, **(plan.meta.get("load_options") or {}))
     return backbone.prepare(teacher, list(texts))
 
 

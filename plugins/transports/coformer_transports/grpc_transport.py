@@ -424,3 +424,11 @@ def register_transports(register: Register) -> None:
 
 __all__ = ["DEFAULT_MAX_MESSAGE_BYTES", "GrpcBadRequestError", "GrpcClient", "GrpcTransportError",
            "WorkerServer", "is_loopback", "serve", "split_hostport"]
+
+
+@hookimpl
+def register_commands(cli: Any) -> None:
+    """Add ``coformer worker`` (serve sub-models over gRPC)."""
+    from coformer_transports.grpc_cli import add_worker_command
+
+    add_worker_command(cli)
