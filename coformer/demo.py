@@ -83,6 +83,16 @@ class DemoResult:
                 "coformer": self.coformer.to_dict(), "seconds": round(self.seconds, 1), "meta": self.meta}
 
 
+class _Stopwatch:
+    """Prints each finished stage with the time since the run started."""
+
+    def __init__(self, console: Console, started: float):
+        self.console, self.started = console, started
+
+    def __call__(self, message: str) -> None:
+        self.console.print(f"[dim]{time.perf_counter() - self.started:6.0f} s[/dim]  {message}")
+
+
 def _progress(console: Console) -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     console=console, transient=True)
@@ -121,7 +131,8 @@ def run_demo(
 
         teacher = prepare_teacher(backbone, data, source=source, seed=seed, load_options=load_options,
                                   progress=report)
-    console.print(f"teacher: {backbone_name} ({'cached' if teacher.cached else 'fine-tuned'} at {teacher.path})")
+    stage = _Stopwatch(console, started)
+    stage(f"teacher {backbone_name} {'loaded from cache' if teacher.cached else 'fine-tuned'} ({teacher.path})")
 
     shape = backbone.shape(teacher.model)
     if plan is not None:
@@ -133,10 +144,12 @@ def run_demo(
     one = teacher.test.batch([0])
     parts = decompose_policy(backbone, teacher, policy)
     costs = parts.costs
+    stage(f"decomposed into {len(parts.submodels)} sub-models ({policy.meta.get('source', 'planned policy')})")
 
     hard = teacher.train_logits.argmax(-1)
     result = calibrate(backbone, teacher.model, parts.submodels, teacher.train, config=config, teacher_labels=hard)
     submodels, students = result.submodels, result.student_heads
+    stage(f"calibrated ({config.epochs} epoch(s) per sub-model, {config.weight_rule} weight rule)")
 
     feats = {split: submodel_features(submodels, getattr(teacher, split)) for split in ("train", "test")}
     task_head = backbone.task_head(teacher.model)
@@ -145,6 +158,7 @@ def run_demo(
         embed_dim=shape.embed_dim, task_head=task_head, student_heads=students)
     train_aggregator(aggregator, feats["train"], teacher.train.labels, config=config, teacher_labels=hard)
     aggregator.eval()
+    stage(f"aggregator {aggregator_name} trained")
 
     labels = teacher.test.labels
     t_fig = teacher_figures(backbone, teacher, one, latency_repeats)

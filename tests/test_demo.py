@@ -1,0 +1,98 @@
+"""The demo flow end to end on the real MiniLM and real BBC News articles (a small slice, for CI time)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from rich.console import Console
+
+from coformer import hookimpl
+from coformer.artifacts import load_plan
+from coformer.booster import BoosterConfig
+from coformer.data import RawSplit, load_bbc_news
+from coformer.demo import load_policy, render, run_demo
+from coformer.spec import ConstraintError, Policy, SubModelSpec, resolve_devices
+
+
+def _slice(split: RawSplit, n: int) -> RawSplit:
+    step = max(1, len(split.labels) // n)
+    return RawSplit(split.examples[::step][:n], split.labels[::step][:n])
+
+
+@pytest.fixture(scope="module")
+def small_bbc():
+    data = load_bbc_news()
+    data.train, data.val, data.test = _slice(data.train, 100), _slice(data.val, 20), _slice(data.test, 50)
+    return data
+
+
+@pytest.mark.slow
+@pytest.mark.ci
+def test_demo_end_to_end_on_real_minilm(small_bbc, tmp_path, monkeypatch):
+    monkeypatch.setenv("COFORMER_CACHE", str(tmp_path / "cache"))
+    config = BoosterConfig(epochs=2, batch_size=16, lr=1e-3, aggregator_epochs=20)
+    kwargs = dict(dataset=small_bbc, config=config, load_options={"max_length": 48}, latency_repeats=3)
+    result = run_demo(out=tmp_path / "plan", **kwargs, console=Console(width=120))
+    doc = result.to_dict()
+    assert set(doc) >= {"teacher", "submodels", "coformer"}
+    for fig in [doc["teacher"], *doc["submodels"], doc["coformer"]]:
+        assert set(fig) >= {"accuracy", "params", "flops", "latency_ms"}
+        assert 0 <= fig["accuracy"] <= 100 and fig["params"] > 0 and fig["flops"] > 0 and fig["latency_ms"] > 0
+    assert len(doc["submodels"]) == 3
+    # a real pretrained encoder with a fitted head classifies real news far above chance (20%)
+    assert doc["teacher"]["accuracy"] >= 70
+    # sub-models are smaller than the teacher, and together they cost less than it (disjoint units)
+    assert all(s["params"] < doc["teacher"]["params"] for s in doc["submodels"])
+    assert sum(s["flops"] for s in doc["submodels"]) < doc["teacher"]["flops"]
+    assert doc["submodels"][0]["flops"] < doc["submodels"][1]["flops"]  # Nano smaller than TX2
+
+    # the teacher was cached: a second run reuses it and reproduces the same figures (same seed)
+    again = run_demo(out=tmp_path / "plan2", **kwargs, console=Console(width=120))
+    assert (tmp_path / "cache" / "teachers").is_dir()
+    assert again.coformer.accuracy == result.coformer.accuracy
+    assert [s.accuracy for s in again.submodels] == [s.accuracy for s in result.submodels]
+
+    # the plan directory loads (hash-verified) and its aggregator reproduces the demo's answer path
+    plan = load_plan(result.plan_dir)
+    assert plan.meta["classes"] == small_bbc.classes and len(plan.artifacts) == 3
+    subs = plan.submodels()
+    batch = {"input_ids": torch.randint(1000, 2000, (2, 48)), "attention_mask": torch.ones(2, 48, dtype=torch.long)}
+    with torch.inference_mode():
+        logits = plan.aggregator([m(**batch) for m in subs])
+    assert logits.shape == (2, len(small_bbc.classes))
+    console = Console(record=True, width=120)
+    render(result, console)
+    text = console.export_text()
+    assert "CoFormer" in text and "teacher" in text and "sub-model 2 (orin-nano)" in text
+
+
+def test_demo_rejects_an_infeasible_plan_before_calibrating(small_bbc, tmp_path, monkeypatch):
+    monkeypatch.setenv("COFORMER_CACHE", str(tmp_path / "cache"))
+    devices = resolve_devices("jetson-nano,jetson-tx2")
+    bad = Policy([SubModelSpec.uniform(6, 300, 6, 800), SubModelSpec.uniform(6, 200, 7, 800)], devices)
+    (tmp_path / "plan.json").write_text(json.dumps({"policy": bad.to_dict()}))
+    assert load_policy(tmp_path).specs == bad.specs
+    calibrated = []
+
+    class Spy:
+        @hookimpl
+        def calibration_step(self, submodel, epoch, step, loss):
+            calibrated.append(step)
+
+    from coformer import register_plugin, unregister_plugin
+
+    name = register_plugin(Spy(), name="spy")
+    try:
+        with pytest.raises(ConstraintError) as err:
+            run_demo(dataset=small_bbc, plan=tmp_path, out=tmp_path / "out", load_options={"max_length": 16},
+                     console=Console(width=120))
+    finally:
+        unregister_plugin(name)
+    text = str(err.value)
+    assert "C2: embedding channels 300 + 200 = 500 > d=384 by 116" in text
+    assert "C3: layer 1: heads 6 (jetson-nano) + 7 (jetson-tx2) = 13 > h=12 by 1" in text
+    assert calibrated == [] and not (tmp_path / "out").exists()
+    with pytest.raises(FileNotFoundError, match="coformer plan --out DIR"):
+        load_policy(tmp_path / "nowhere")
