@@ -96,3 +96,28 @@ def test_demo_rejects_an_infeasible_plan_before_calibrating(small_bbc, tmp_path,
     assert calibrated == [] and not (tmp_path / "out").exists()
     with pytest.raises(FileNotFoundError, match="coformer plan --out DIR"):
         load_policy(tmp_path / "nowhere")
+
+
+@pytest.mark.slow
+@pytest.mark.ci
+def test_coformer_plan_output_drives_the_demo(small_bbc, tmp_path, monkeypatch):
+    """`coformer plan` writes a feasible policy for the demo's devices; the demo runs it."""
+    from click.testing import CliRunner
+
+    from coformer.cli import build_cli
+    from coformer.spec import check_structure
+
+    monkeypatch.setenv("COFORMER_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "planned"
+    res = CliRunner().invoke(build_cli(), ["plan", "--strategy", "random", "--trials", "2", "--val-docs", "8",
+                                           "--train-docs", "20", "--out", str(out)], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    policy = load_policy(out)
+    assert [d.name for d in policy.devices] == ["jetson-nano", "jetson-tx2", "orin-nano"]
+    from coformer.spec import ModelShape
+
+    assert check_structure(policy.specs, ModelShape(6, 384, (12,) * 6, (1536,) * 6, head_dim=32), policy.devices) == []
+    result = run_demo(dataset=small_bbc, plan=out, out=tmp_path / "demo", load_options={"max_length": 32},
+                      config=BoosterConfig(epochs=1, aggregator_epochs=5), latency_repeats=2,
+                      console=Console(width=120))
+    assert [s.extra["spec"] for s in result.submodels] == [s.to_dict() for s in policy.specs]
