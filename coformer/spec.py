@@ -360,3 +360,38 @@ def validate(
         violations += check_resources(list(costs), devices)
     if violations:
         raise ConstraintError(violations)
+
+
+def selection_problems(shape: ModelShape, sel: UnitSelection) -> list[str]:
+    """What is wrong with ``sel`` for a teacher of ``shape`` (empty when it is valid).
+
+    Indices must be distinct, ascending, in range and non-empty, with one heads/mlp entry per
+    kept layer.
+    """
+
+    def ok(idx: Sequence[int], n: int) -> bool:
+        return len(idx) > 0 and list(idx) == sorted(set(idx)) and all(0 <= i < n for i in idx)
+
+    problems = []
+    if not ok(sel.layers, shape.layers):
+        problems.append(f"layers {list(sel.layers)} must be distinct ascending indices in [0, {shape.layers})")
+    if not ok(sel.channels, shape.embed_dim):
+        problems.append(f"channels must be distinct ascending indices in [0, {shape.embed_dim})")
+    if len(sel.heads) != len(sel.layers) or len(sel.mlp) != len(sel.layers):
+        problems.append("heads and mlp need one entry per selected layer")
+        return problems
+    for j, hs, ms in zip(sel.layers, sel.heads, sel.mlp):
+        if not 0 <= j < shape.layers:
+            continue
+        if not ok(hs, shape.heads[j]):
+            problems.append(f"layer {j}: heads {list(hs)} must be distinct ascending indices in [0, {shape.heads[j]})")
+        if not ok(ms, shape.mlp[j]):
+            problems.append(f"layer {j}: MLP neurons must be distinct ascending indices in [0, {shape.mlp[j]})")
+    return problems
+
+
+def check_selection(shape: ModelShape, sel: UnitSelection, teacher: str = "this") -> None:
+    """Raise ``ValueError`` listing every problem of ``sel`` (see :func:`selection_problems`)."""
+    problems = selection_problems(shape, sel)
+    if problems:
+        raise ValueError(f"invalid unit selection for {teacher} teacher: " + "; ".join(problems))

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from coformer.backbone import Backbone, Batch, SubModel, UnitImportance
 from coformer.heads import ClassifierHead
 from coformer.hookspecs import Register, hookimpl
-from coformer.spec import ModelShape, UnitSelection
+from coformer.spec import ModelShape, UnitSelection, check_selection
 from coformer_backbones.bert_parallel import PARALLEL_KINDS, BertParallelMixin, build_parallel
 
 HEAD_WEIGHTS = "coformer_head.safetensors"
@@ -425,21 +425,7 @@ class BertBackbone(BertParallelMixin, Backbone):
     # -- slicing and masking -----------------------------------------------------------------------
 
     def _check_selection(self, shape: ModelShape, sel: UnitSelection) -> None:
-        problems = []
-        if not sel.layers or list(sel.layers) != sorted(set(sel.layers)) or not all(0 <= i < shape.layers for i in sel.layers):
-            problems.append(f"layers {list(sel.layers)} must be distinct ascending indices in [0, {shape.layers})")
-        if not sel.channels or len(set(sel.channels)) != len(sel.channels) or not all(0 <= c < shape.embed_dim for c in sel.channels):
-            problems.append(f"channels must be distinct indices in [0, {shape.embed_dim})")
-        if len(sel.heads) != len(sel.layers) or len(sel.mlp) != len(sel.layers):
-            problems.append("heads and mlp need one entry per selected layer")
-        else:
-            for j, hs, ms in zip(sel.layers, sel.heads, sel.mlp):
-                if not hs or len(set(hs)) != len(hs) or not all(0 <= h < shape.heads[min(j, shape.layers - 1)] for h in hs):
-                    problems.append(f"layer {j}: heads {list(hs)} must be distinct indices in [0, {shape.heads[0]})")
-                if not ms or len(set(ms)) != len(ms) or not all(0 <= m < shape.mlp[min(j, shape.layers - 1)] for m in ms):
-                    problems.append(f"layer {j}: MLP neurons must be distinct indices in [0, {shape.mlp[0]})")
-        if problems:
-            raise ValueError("invalid unit selection for this BERT teacher: " + "; ".join(problems))
+        check_selection(shape, sel, "this BERT")
 
     def slice(self, model: nn.Module, selection: UnitSelection) -> CompactBert:
         """A :class:`CompactBert` holding only the selected layers, heads, neurons and channels."""

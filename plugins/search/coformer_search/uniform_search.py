@@ -7,32 +7,15 @@ C2–C4. Draws that break C5/C6 are recorded as infeasible and never evaluated.
 
 from __future__ import annotations
 
-import random
-from typing import Any, Callable
-
 from coformer.hookspecs import Register, hookimpl
-from coformer.search import SearchResult, SearchStrategy, TrialRecord
+from coformer_search.random_search import RandomSearch
 
 
-class UniformSearch(SearchStrategy):
+class UniformSearch(RandomSearch):
     """Random search restricted to policies whose sub-models all have one shape."""
 
     name = "uniform"
     shared = True
-
-    def search(self, evaluator: Any, trials: int, *,
-               on_trial: Callable[[TrialRecord], None] | None = None) -> SearchResult:
-        """Evaluate ``trials`` feasible uniform policies."""
-        enc = self.encoding(evaluator)
-        rng = random.Random(self.seed)
-        records: list[TrialRecord] = []
-        evaluated = 0
-        while evaluated < trials and len(records) < trials * self.max_proposals_factor:
-            rec = self.run_trial(evaluator, enc, enc.sample(rng), records)
-            evaluated += rec.feasible
-            if on_trial:
-                on_trial(rec)
-        return self.result(evaluator, records)
 
 
 @hookimpl
