@@ -26,12 +26,12 @@ from coformer.cli import cli, console
               help="Where to write the plan directory.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
               help="Also write the figures as JSON (keys: teacher, submodels, coformer).")
-@click.option("--max-length", type=int, default=None,
-              help="Tokens kept per text (text backbones; default: the backbone's own).")
+@click.option("--max-length", type=int, default=64, show_default=True,
+              help="Tokens kept per text (text backbones).")
 @click.option("--seed", type=int, default=0, show_default=True)
 def demo_cmd(backbone_name: str, source: str | None, plan_dir: str | None, devices: str, aggregator_name: str,
              weight_rule: str | None, epochs: int | None, out: str, json_path: str | None,
-             max_length: int | None, seed: int) -> None:
+             max_length: int, seed: int) -> None:
     """Fine-tune, decompose into one sub-model per device, calibrate, aggregate, and compare with the teacher."""
     from coformer.booster import BoosterConfig
     from coformer.demo import render, run_demo
@@ -40,7 +40,7 @@ def demo_cmd(backbone_name: str, source: str | None, plan_dir: str | None, devic
     config = BoosterConfig(seed=seed, **overrides)
     result = run_demo(backbone_name=backbone_name, source=source, plan=plan_dir, devices=devices,
                       aggregator_name=aggregator_name, config=config, out=out, seed=seed, console=console,
-                      load_options={"max_length": max_length} if max_length else None)
+                      max_length=max_length)
     render(result, console)
     if json_path:
         Path(json_path).write_text(json.dumps(result.to_dict(), indent=2))

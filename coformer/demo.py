@@ -38,6 +38,9 @@ from coformer.runtime import Coordinator
 from coformer.spec import Policy, resolve_devices
 
 DEFAULT_DEVICES = ("jetson-nano", "jetson-tx2", "orin-nano")
+#: Tokens kept per text in the demo: BBC articles are long, and 64 tokens (headline and lead)
+#: keep the whole run within minutes on two CPU cores.
+DEMO_MAX_LENGTH = 64
 
 
 class DemoUnavailableError(RuntimeError):
@@ -109,6 +112,7 @@ def run_demo(
     out: str | Path = "coformer-demo",
     seed: int = 0,
     dataset: RawDataset | None = None,
+    max_length: int | None = DEMO_MAX_LENGTH,
     load_options: dict[str, Any] | None = None,
     latency_repeats: int = 30,
     console: Console | None = None,
@@ -119,6 +123,9 @@ def run_demo(
     torch.manual_seed(seed)
     backbone = registry.create("backbone", backbone_name)
     data = dataset or default_dataset(backbone.modality)
+    load_options = dict(load_options or {})
+    if backbone.modality == "text" and max_length:
+        load_options.setdefault("max_length", max_length)
     config = config or BoosterConfig(seed=seed)
 
     with _progress(console) as prog:

@@ -48,6 +48,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--max-length", type=int, default=None, help="tokens per text (text backbones)")
     p.add_argument("--epochs", type=int, default=None, help="calibration epochs per sub-model")
     p.add_argument("--rules", default="boost,seed", help="weight rules to compare")
+    p.add_argument("--device-dropout", type=float, default=None, help="aggregator training drop-out per device")
+    p.add_argument("--aggregator-epochs", type=int, default=None)
     p.add_argument("--aggregators", default=None, help="comma-separated (default: every registered one)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/ablation")
@@ -107,7 +109,8 @@ def main() -> None:
     report = {"backbone": args.backbone, "dataset": data.name, "devices": [d.name for d in devices],
               "policy": policy.to_dict(), "teacher_accuracy": teacher_acc, "uncalibrated": uncalibrated, "rules": {}}
     for rule in args.rules.split(","):
-        overrides = {"epochs": args.epochs} if args.epochs else {}
+        overrides = {k: v for k, v in {"epochs": args.epochs, "device_dropout": args.device_dropout,
+                                       "aggregator_epochs": args.aggregator_epochs}.items() if v is not None}
         config = BoosterConfig(seed=args.seed, weight_rule=rule, **overrides)
         subs = [copy.deepcopy(m) for m in parts.submodels]
         t0 = time.perf_counter()

@@ -72,8 +72,8 @@ def main() -> None:
     """Run the example and print (optionally write) the figures."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--img-size", type=int, default=56)
-    ap.add_argument("--train", type=int, default=2000, help="training images (stratified subset)")
-    ap.add_argument("--test", type=int, default=2000, help="test images (stratified subset of the 10k)")
+    ap.add_argument("--train", type=int, default=1200, help="training images (stratified subset)")
+    ap.add_argument("--test", type=int, default=1000, help="test images (stratified subset of the 10k)")
     ap.add_argument("--epochs", type=int, default=2, help="teacher fine-tuning epochs")
     ap.add_argument("--calib-epochs", type=int, default=2, help="booster epochs per sub-model")
     ap.add_argument("--lr", type=float, default=5e-5)

@@ -1,7 +1,11 @@
 """``mlp_fusion``: the seed's aggregation module (eq. 2), X_agg = Pool(W · Concat(X_1..X_N) + b).
 
-Missing devices are zero-filled in the concatenation, so the module is meant to be trained
-with random device drop-out (:func:`coformer.aggregator.drop_devices`) to degrade gracefully.
+Missing devices are zero-filled in the concatenation, and a learned offset per device
+(``missing_offsets[n]``, zero-initialised) is added in place of its contribution, so with
+every device present this is exactly eq. 2, and with one lost the fused vector is moved back
+towards where that device's features usually put it. Train with random device drop-out
+(:func:`coformer.aggregator.drop_devices`) so the offsets are learned and the answer degrades
+gracefully.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from coformer_aggregators._common import as_dtype, check_features, head_copy, po
 
 
 class MLPFusionAggregator(Aggregator):
-    """Concatenate (missing → zeros), Linear(Σ d_n → d), mean-pool tokens, then a copy of the task head.
+    """Concatenate (missing → zeros, plus a learned offset), Linear(Σ d_n → d), mean-pool, then the task head copy.
 
     Features may be ``[B, d_n]`` or ``[B, T, d_n]``. Because the linear map is affine and
     Pool is a mean, Pool(W·X + b) = W·Pool(X) + b; tokens are therefore pooled per sub-model
@@ -34,6 +38,7 @@ class MLPFusionAggregator(Aggregator):
             raise TypeError(f"mlp_fusion takes no options, got {sorted(options)}")
         super().__init__(feature_dims, embed_dim, task_head, student_heads)
         self.fuse = nn.Linear(sum(self.feature_dims), self.embed_dim)
+        self.missing_offsets = nn.Parameter(torch.zeros(len(self.feature_dims), self.embed_dim))
         self.head = head_copy(task_head)
 
     def fused(self, features: Features) -> Tensor:
@@ -43,7 +48,11 @@ class MLPFusionAggregator(Aggregator):
         ref = self.fuse.weight
         parts = [as_dtype(self.fuse, pool_tokens(f)) if i in present
                  else ref.new_zeros(b, d) for i, (f, d) in enumerate(zip(features, self.feature_dims))]
-        return self.fuse(torch.cat(parts, dim=-1))
+        fused = self.fuse(torch.cat(parts, dim=-1))
+        missing = [i for i in range(len(self.feature_dims)) if i not in present]
+        if missing:
+            fused = fused + self.missing_offsets[missing].sum(dim=0)
+        return fused
 
     def forward(self, features: Features) -> Tensor:
         """Logits ``[B, num_labels]``."""
