@@ -44,9 +44,7 @@ def main() -> None:
     from coformer.spec import resolve_devices
 
     backbone = coformer.create_backbone("bert")
-    teacher = backbone.load().eval()
-    if hasattr(teacher, "max_length"):
-        teacher.max_length = args.max_length  # the BERT plugin pads/truncates to this
+    teacher = backbone.load(max_length=args.max_length).eval()
     val, head, info = validation_task(backbone, teacher, val_docs=args.val_docs, train_docs=args.train_docs,
                                       seed=args.seed)
     ev = Evaluator(backbone, teacher, resolve_devices(args.devices), val=val, head=head, delta=args.delta,
