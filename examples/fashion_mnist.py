@@ -9,7 +9,7 @@
    aggregator is trained on their features.
 4. Test accuracy of the teacher, each sub-model (with its student head) and CoFormer.
 
-Run: ``.venv/bin/python examples/fashion_mnist.py`` (about 10 minutes on 2 CPU cores);
+Run: ``.venv/bin/python examples/fashion_mnist.py`` (about 12 minutes on 2 busy CPU cores; most of it calibration);
 ``--out results.json`` writes the figures.
 """
 
