@@ -291,7 +291,8 @@ def markdown_table(doc: dict[str, Any]) -> str:
         for r in doc["device_count"]:
             lines.append(f"| {len(r['devices'])} | {', '.join(r['devices'])} | {r['rate_mbps']:g} "
                          f"| {r['latency_ms']['median']:.1f} | {r['latency_ms']['p90']:.1f} "
-                         f"| {r['bytes_per_request'] / 1024:.1f} | {r['accuracy']:.2f} |")
+                         f"| {r['bytes_per_request'] / 1024:.1f} | "
+                         + (f"{r['accuracy']:.2f} |" if r.get("calibrated", True) else "n/a (uncalibrated plan) |"))
     return "\n".join(lines) + "\n"
 
 
@@ -366,4 +367,5 @@ def device_count_run(plan: Any, clients: Sequence[WorkerClient], devices: Sequen
     r["link"] = "shaped" if shaped else "modelled"
     r["accuracy"] = accuracy if accuracy is not None else r["sample_accuracy"]
     r["accuracy_source"] = "plan figures" if accuracy is not None else "sample of the requests"
+    r["calibrated"] = bool(plan.meta.get("calibrated", True))
     return r
