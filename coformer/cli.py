@@ -41,9 +41,23 @@ def build_cli() -> click.Group:
     return cli
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors caused by input (names, files, plans): shown as one clear message, not a traceback."""
+    from coformer.artifacts import ArtifactError
+    from coformer.data import DatasetUnavailableError
+    from coformer.registry import UnknownPluginError
+    from coformer.spec import ConstraintError
+
+    return (UnknownPluginError, ConstraintError, ArtifactError, DatasetUnavailableError, FileNotFoundError)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``coformer`` script."""
-    build_cli()(args=argv if argv is not None else sys.argv[1:], prog_name="coformer")
+    try:
+        build_cli()(args=argv if argv is not None else sys.argv[1:], prog_name="coformer")
+    except _user_errors() as exc:
+        console.print(f"[bold red]error:[/bold red] {exc}", highlight=False)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

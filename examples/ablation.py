@@ -50,13 +50,15 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rules", default="boost,seed", help="weight rules to compare")
     p.add_argument("--device-dropout", type=float, default=None, help="aggregator training drop-out per device")
     p.add_argument("--aggregator-epochs", type=int, default=None)
+    p.add_argument("--aggregator-data", choices=["train", "val"], default="train",
+                   help="split whose sub-model features train the aggregators")
     p.add_argument("--aggregators", default=None, help="comma-separated (default: every registered one)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/ablation")
     return p.parse_args()
 
 
-def aggregator_table(names, submodels, students, feats, labels, hard, shape, task_head, config):
+def aggregator_table(names, submodels, students, feats, labels, hard, shape, task_head, config, fit="train"):
     """Accuracy, aggregation latency and every-subset accuracy for each aggregator."""
     n = len(submodels)
     subsets = [s for k in range(1, n + 1) for s in itertools.combinations(range(n), k)]
@@ -64,7 +66,7 @@ def aggregator_table(names, submodels, students, feats, labels, hard, shape, tas
     for name in names:
         agg = coformer.create_aggregator(name, feature_dims=[m.feature_dim for m in submodels],
                                          embed_dim=shape.embed_dim, task_head=task_head, student_heads=students)
-        train_aggregator(agg, feats["train"], labels["train"], config=config, teacher_labels=hard, on_progress=False)
+        train_aggregator(agg, feats[fit], labels[fit], config=config, teacher_labels=hard[fit], on_progress=False)
         agg.eval()
         one = [f[:1] for f in feats["test"]]
         with torch.inference_mode():
@@ -96,7 +98,8 @@ def main() -> None:
     parts = decompose_policy(backbone, teacher, policy)
     head = backbone.task_head(teacher.model)
     labels = {"train": teacher.train.labels, "test": teacher.test.labels}
-    hard = teacher.train_logits.argmax(-1)
+    hard = {"train": teacher.train_logits.argmax(-1), "val": teacher.val_logits.argmax(-1)}
+    labels["val"] = teacher.val.labels
     names = args.aggregators.split(",") if args.aggregators else [p.name for p in coformer.list_plugins("aggregator")]
 
     teacher_acc = accuracy(teacher.test_logits, labels["test"])
@@ -114,12 +117,13 @@ def main() -> None:
         config = BoosterConfig(seed=args.seed, weight_rule=rule, **overrides)
         subs = [copy.deepcopy(m) for m in parts.submodels]
         t0 = time.perf_counter()
-        cal = calibrate(backbone, teacher.model, subs, teacher.train, config=config, teacher_labels=hard)
+        cal = calibrate(backbone, teacher.model, subs, teacher.train, config=config, teacher_labels=hard["train"])
         seconds = time.perf_counter() - t0
-        feats = {s: submodel_features(cal.submodels, getattr(teacher, s)) for s in ("train", "test")}
+        feats = {s: submodel_features(cal.submodels, getattr(teacher, s)) for s in ("train", "val", "test")}
         with torch.inference_mode():
             calibrated = [accuracy(h(f), labels["test"]) for h, f in zip(cal.student_heads, feats["test"])]
-        aggs = aggregator_table(names, cal.submodels, cal.student_heads, feats, labels, hard, shape, head, config)
+        aggs = aggregator_table(names, cal.submodels, cal.student_heads, feats, labels, hard, shape, head, config,
+                                args.aggregator_data)
         report["rules"][rule] = {"calibrated": calibrated, "calibration_s": seconds, "aggregators": aggs,
                                  "final_loss": cal.final_loss}
         console.print(f"[{rule}] calibrated {[round(a, 2) for a in calibrated]}  "

@@ -117,3 +117,11 @@ def test_every_hook_is_exercised_by_a_test():
                    if isinstance(node, ast.FunctionDef)}
     missing = [s for s in specs if s not in implemented]
     assert not missing, f"hooks with no test implementing them: {missing}"
+
+
+def test_cli_reports_bad_input_without_a_traceback():
+    out = subprocess.run([sys.executable, "-m", "coformer.cli", "demo", "--backbone", "nope"],
+                         capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "200"})
+    assert out.returncode == 2
+    text = out.stdout + out.stderr
+    assert "error: unknown backbone 'nope'; known backbones: bert" in text and "Traceback" not in text
