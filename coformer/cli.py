@@ -58,7 +58,3 @@ def main(argv: list[str] | None = None) -> None:
     except _user_errors() as exc:
         console.print(f"[bold red]error:[/bold red] {exc}", highlight=False)
         sys.exit(2)
-
-
-if __name__ == "__main__":
-    main()

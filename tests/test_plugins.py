@@ -96,7 +96,7 @@ def test_installed_third_party_plugin_and_a_broken_one(tmp_path):
     _fake_distribution(site, "coformer-max-confidence", "0.1.0", {"max_confidence": "coformer_max_confidence"})
     _fake_distribution(site, "coformer-broken", "9.9", {"broken": "broken_plugin"})
     env = {**os.environ, "PYTHONPATH": str(site), "COLUMNS": "200"}
-    cli = [sys.executable, "-m", "coformer.cli"]
+    cli = [sys.executable, "-m", "coformer"]
     out = subprocess.run([*cli, "plugins"], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     row = next(line for line in out.stdout.splitlines() if "max_confidence" in line)
@@ -120,7 +120,7 @@ def test_every_hook_is_exercised_by_a_test():
 
 
 def test_cli_reports_bad_input_without_a_traceback():
-    out = subprocess.run([sys.executable, "-m", "coformer.cli", "demo", "--backbone", "nope"],
+    out = subprocess.run([sys.executable, "-m", "coformer", "demo", "--backbone", "nope"],
                          capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "200"})
     assert out.returncode == 2
     text = out.stdout + out.stderr
