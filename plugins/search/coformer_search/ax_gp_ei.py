@@ -15,12 +15,16 @@ What it actually uses (Ax 1.3): a generation strategy built by
 
 Ax minimises Ψ (objective ``-psi``). Parameters are those of
 :class:`~coformer.search.PolicyEncoding`; proposals breaking C5/C6 are marked *abandoned* in
-Ax without any model evaluation, so the GP never sees a made-up value.
+Ax without any model evaluation, so the GP never sees a made-up value. When the GP cannot be
+fitted (BoTorch's ``ModelFittingError``, a numerical failure seen on flat Ψ landscapes), that
+trial is proposed at random instead and attached to Ax, so the search continues; the indices
+of such trials are kept in ``fallback_trials``.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 from typing import Any, Callable
 
 from coformer.hookspecs import Register, hookimpl
@@ -70,13 +74,23 @@ class AxGpEi(SearchStrategy):
     def search(self, evaluator: Any, trials: int, *,
                on_trial: Callable[[TrialRecord], None] | None = None) -> SearchResult:
         """Run ``trials`` evaluated Ax trials (abandoned infeasible ones do not count)."""
+        from botorch.exceptions.errors import ModelFittingError  # lazy: BoTorch is slow to import
+
         enc = self.encoding(evaluator)
         space = enc.parameters()
         client = self.client(len(space), space)
         records: list[TrialRecord] = []
         evaluated = 0
+        rng = random.Random(self.seed)
+        #: trials whose GP could not be fitted (a numerical failure): proposed at random instead
+        self.fallback_trials: list[int] = []
         while evaluated < trials and len(records) < trials * self.max_proposals_factor:
-            (index, params), = client.get_next_trials(max_trials=1).items()
+            try:
+                (index, params), = client.get_next_trials(max_trials=1).items()
+            except ModelFittingError:
+                params = enc.sample(rng)
+                index = client.attach_trial(params)
+                self.fallback_trials.append(len(records))
             rec = self.run_trial(evaluator, enc, dict(params), records)
             if rec.feasible:
                 client.complete_trial(index, {"psi": float(rec.psi)})
