@@ -38,8 +38,23 @@ class MLPFusionAggregator(Aggregator):
             raise TypeError(f"mlp_fusion takes no options, got {sorted(options)}")
         super().__init__(feature_dims, embed_dim, task_head, student_heads)
         self.fuse = nn.Linear(sum(self.feature_dims), self.embed_dim)
+        if student_heads is not None:
+            self._start_from_students(student_heads)
         self.missing_offsets = nn.Parameter(torch.zeros(len(self.feature_dims), self.embed_dim))
         self.head = head_copy(task_head)
+
+    @torch.no_grad()
+    def _start_from_students(self, student_heads: Sequence[StudentHead]) -> None:
+        """Initialise W, b to the mean of the calibrated sub-models' own projections to width d.
+
+        Training then starts from "average the sub-models' projected features" instead of a
+        random map, which makes the result far less dependent on the initial random state.
+        """
+        if len(student_heads) != len(self.feature_dims):
+            raise ValueError(f"mlp_fusion: {len(student_heads)} student heads for {len(self.feature_dims)} sub-models")
+        n = len(student_heads)
+        self.fuse.weight.copy_(torch.cat([h.proj.weight for h in student_heads], dim=1) / n)
+        self.fuse.bias.copy_(torch.stack([h.proj.bias for h in student_heads]).mean(dim=0))
 
     def fused(self, features: Features) -> Tensor:
         """The aggregated feature vector ``X_agg`` ``[B, d]`` (before the task head)."""
