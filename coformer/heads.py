@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import copy
+import json
+import warnings
+from pathlib import Path
 from typing import Any
 
 from torch import Tensor, nn
@@ -62,3 +65,38 @@ class StudentHead(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """Logits for one sub-model's features."""
         return self.head(self.proj(x))
+
+
+HEAD_WEIGHTS = "coformer_head.safetensors"
+HEAD_CONFIG = "coformer_head.json"
+
+
+def save_head(head: ClassifierHead, directory: str | Path) -> None:
+    """Write a task head next to a teacher checkpoint: config as JSON, weights as safetensors."""
+    from safetensors.torch import save_file
+
+    out = Path(directory)
+    state = {k: v.detach().contiguous().clone() for k, v in head.state_dict().items()}
+    save_file(state, str(out / HEAD_WEIGHTS))
+    (out / HEAD_CONFIG).write_text(json.dumps(head.config))
+
+
+def load_head(directory: str | Path, num_labels: int | None = None) -> ClassifierHead | None:
+    """The task head saved by :func:`save_head` in ``directory``, or ``None``.
+
+    When ``num_labels`` is given and differs from the saved head's, the saved head is for another
+    task: a warning says so and ``None`` is returned so the caller attaches a fresh head.
+    """
+    from safetensors.torch import load_file
+
+    path = Path(directory)
+    if not (path / HEAD_CONFIG).exists():
+        return None
+    cfg = json.loads((path / HEAD_CONFIG).read_text())
+    if num_labels is not None and cfg["num_labels"] != num_labels:
+        warnings.warn(f"{path}: saved head has {cfg['num_labels']} labels; attaching a fresh "
+                      f"{num_labels}-label head instead", stacklevel=3)
+        return None
+    head = ClassifierHead.from_config(cfg)
+    head.load_state_dict(load_file(str(path / HEAD_WEIGHTS)), strict=True)
+    return head

@@ -17,24 +17,20 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import warnings
 import zlib
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from coformer.backbone import Backbone, Batch, SubModel, UnitImportance
-from coformer.heads import ClassifierHead
+from coformer.heads import ClassifierHead, load_head, save_head
 from coformer.hookspecs import Register, hookimpl
 from coformer.spec import ModelShape, UnitSelection, check_selection
 from coformer_backbones.bert_parallel import PARALLEL_KINDS, BertParallelMixin, build_parallel
 
-HEAD_WEIGHTS = "coformer_head.safetensors"
-HEAD_CONFIG = "coformer_head.json"
 BACKBONE_CONFIG = "coformer_backbone.json"
 INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 DEFAULT_MAX_LENGTH = 128
@@ -261,15 +257,7 @@ class BertBackbone(BertParallelMixin, Backbone):
         else:
             saved_length = DEFAULT_MAX_LENGTH
         max_length = min(max_length or saved_length, config.max_position_embeddings)
-        head = None
-        if (path / HEAD_CONFIG).exists():
-            head_cfg = json.loads((path / HEAD_CONFIG).read_text())
-            if num_labels is None or head_cfg["num_labels"] == num_labels:
-                head = ClassifierHead.from_config(head_cfg)
-                head.load_state_dict(load_file(str(path / HEAD_WEIGHTS)), strict=True)
-            else:
-                warnings.warn(f"{path}: saved head has {head_cfg['num_labels']} labels; attaching a fresh "
-                              f"{num_labels}-label head instead", stacklevel=2)
+        head = load_head(path, num_labels)
         if head is None and num_labels is not None:
             head = ClassifierHead(config.hidden_size, num_labels)
         return BertTeacher(bert, tokenizer, head, max_length).eval()
@@ -285,9 +273,7 @@ class BertBackbone(BertParallelMixin, Backbone):
             teacher.tokenizer.save_pretrained(out)
         (out / BACKBONE_CONFIG).write_text(json.dumps({"backbone": self.name, "max_length": teacher.max_length}))
         if teacher.head is not None:
-            state = {k: v.detach().contiguous().clone() for k, v in teacher.head.state_dict().items()}
-            save_file(state, str(out / HEAD_WEIGHTS))
-            (out / HEAD_CONFIG).write_text(json.dumps(teacher.head.config))
+            save_head(teacher.head, out)
         return out
 
     def tiny(self, *, num_labels: int = 3, seed: int = 0) -> BertTeacher:
