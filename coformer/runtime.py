@@ -23,8 +23,6 @@ from coformer.transport import (
     InferResult,
     SubModelArtifact,
     WorkerClient,
-    encode_features,
-    decode_features,
     sha256,
 )
 
@@ -87,8 +85,8 @@ class WorkerState:
             self.errors += 1
             raise BadRequestError(f"sub-model rejected the input: {type(exc).__name__}: {exc}") from exc
         compute_ms = (time.perf_counter() - start) * 1000
-        data, shape, dtype = encode_features(out)
-        return InferResult(decode_features(data, shape, dtype), compute_ms)
+        # fp16, as on every wire; a network transport encodes this tensor once, in its own format
+        return InferResult(out.detach().to(torch.float16).contiguous().cpu(), compute_ms)
 
     def health(self) -> dict[str, Any]:
         """Liveness, loaded models and counters."""
