@@ -19,6 +19,13 @@ loss ℓ_i = ½[CE_y + CE_ŷ] (unweighted, eval mode) updates the weights (seed 
 both renormalised to sum 1. The student is the sub-model followed by its own
 :class:`~coformer.heads.StudentHead` (Linear d_n → d, then a copy of the teacher's head).
 
+With ``BoosterConfig.feature_weight`` β > 0 each sample's training loss also gets a feature
+distillation term: β · mean_j (P_n f_n(x) − f_T(x))_j² / mean(f_T²), where P_n is the student
+head's projection and f_T the frozen teacher's features (computed once; the normaliser makes β
+independent of the features' scale). Hard labels alone carry ~log2(classes) bits per sample;
+matching the teacher's d-dimensional features recovers sliced vision models from far fewer
+samples. The boosting weights are still updated from the classification loss ℓ_i alone.
+
 Runs are deterministic given ``BoosterConfig.seed``: sub-model n's shuffling and any
 dropout draw from an RNG seeded by (seed, n) alone, so a run resumed from a checkpoint
 repeats the uninterrupted one bit for bit. With ``checkpoint_dir`` set, each finished
@@ -98,7 +105,8 @@ class BoosterConfig:
     94.83% vs 93.03%); ``"seed"`` gave 96.63% with every device but fell to 93.71% — below its
     best sub-model's 94.61% — when the Orin Nano was lost. Graceful degradation is CoFormer's
     promise, so boosting wins (``examples/ablation.py``; tables in BENCHMARKS.md).
-    ``device_dropout`` is the probability that each sub-model's features are dropped in an
+    ``feature_weight`` (β, default 0: off) adds the feature distillation term described in the
+    module docstring. ``device_dropout`` is the probability that each sub-model's features are dropped in an
     aggregator training batch; ``mixed_precision`` is "auto" (bf16 on a CUDA GPU that has it,
     otherwise off), "no", "fp16" or "bf16"; ``checkpoint_dir`` enables checkpoint/resume.
     """
@@ -113,6 +121,7 @@ class BoosterConfig:
     device_dropout: float = 0.2
     checkpoint_dir: str | Path | None = None
     mixed_precision: str = "auto"
+    feature_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if self.weight_rule not in WEIGHT_RULES:
@@ -126,6 +135,8 @@ class BoosterConfig:
                                  f"got {getattr(self, name)}")
         if not self.lr > 0 or not self.aggregator_lr > 0:
             raise ValueError(f"learning rates must be > 0, got lr={self.lr}, aggregator_lr={self.aggregator_lr}")
+        if not (self.feature_weight >= 0 and math.isfinite(self.feature_weight)):
+            raise ValueError(f"feature_weight must be a finite number >= 0, got {self.feature_weight}")
         if not 0.0 <= self.device_dropout < 1.0:
             raise ValueError(f"device_dropout must be in [0, 1), got {self.device_dropout}")
 
@@ -231,8 +242,14 @@ class _Student(nn.Module):
         self.submodel = submodel
         self.head = head
 
-    def forward(self, batch: dict[str, Tensor]) -> Tensor:
-        return self.head(self.submodel(**batch))
+    def forward(self, batch: dict[str, Tensor], with_projection: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """Logits, or (features projected to the teacher's width, logits) with ``with_projection``.
+
+        A flag rather than a second method, so calls go through accelerate's wrapper.
+        """
+        projected = self.head.proj(self.submodel(**batch))
+        logits = self.head.head(projected)
+        return (projected, logits) if with_projection else logits
 
 
 def _pair_loss(logits: Tensor, labels: Tensor, teacher: Tensor) -> Tensor:
@@ -271,6 +288,17 @@ def teacher_hard_labels(backbone: Backbone, teacher: nn.Module, data: TensorData
 
 
 @torch.no_grad()
+def teacher_features(backbone: Backbone, teacher: nn.Module, data: TensorDataset, batch_size: int = 64) -> Tensor:
+    """The teacher's features over ``data`` (eval mode, in order), float32 ``[M, d]`` on the CPU."""
+    was_training = teacher.training
+    teacher.eval()
+    dev = _device_of(teacher)
+    out = [backbone.features(teacher, _to(b, dev)).float().cpu() for _, b in data.batches(batch_size)]
+    teacher.train(was_training)
+    return torch.cat(out)
+
+
+@torch.no_grad()
 def submodel_features(submodels: Sequence[nn.Module], data: TensorDataset, batch_size: int = 64) -> list[Tensor]:
     """Every sub-model's features over ``data`` in order: one float32 ``[M, d_n]`` tensor each (eval mode)."""
     feats: list[Tensor] = []
@@ -299,7 +327,8 @@ def _fingerprint(config: BoosterConfig, train: TensorDataset, submodels: Sequenc
     h.update(train.labels.cpu().numpy().tobytes())
     h.update(teacher_labels.cpu().long().numpy().tobytes())
     return {"format": CHECKPOINT_FORMAT, "seed": config.seed, "epochs": config.epochs, "lr": config.lr,
-            "batch_size": config.batch_size, "weight_rule": config.weight_rule, "samples": len(train),
+            "batch_size": config.batch_size, "weight_rule": config.weight_rule,
+            "feature_weight": config.feature_weight, "samples": len(train),
             "data_sha256": h.hexdigest(),
             "submodels": [getattr(m, "config", None) or type(m).__name__ for m in submodels]}
 
@@ -400,6 +429,14 @@ def calibrate(backbone: Backbone, teacher: nn.Module, submodels: Sequence[SubMod
     if teacher_labels.shape != train.labels.shape:
         raise ValueError(f"teacher_labels has shape {tuple(teacher_labels.shape)}, "
                          f"expected one label per train sample {tuple(train.labels.shape)}")
+    target_feats: Tensor | None = None
+    if config.feature_weight > 0:
+        teacher_home = _device_of(teacher)
+        teacher.to(dev)
+        with accelerator.autocast():
+            target_feats = teacher_features(backbone, teacher, train, config.batch_size)
+        teacher.to(teacher_home)
+        feat_scale = float(target_feats.pow(2).mean().clamp_min(1e-12))
 
     ckpt = (_Checkpoint(config.checkpoint_dir, _fingerprint(config, train, submodels, teacher_labels))
             if config.checkpoint_dir is not None else None)
@@ -442,8 +479,14 @@ def calibrate(backbone: Backbone, teacher: nn.Module, submodels: Sequence[SubMod
                     total, count = 0.0, 0
                     for idx, batch in train.batches(config.batch_size, shuffle=True, generator=gen):
                         with accelerator.autocast():
-                            logits = student(_to(batch, dev))
+                            if target_feats is None:
+                                logits = student(_to(batch, dev))
+                            else:
+                                projected, logits = student(_to(batch, dev), with_projection=True)
                         per = _pair_loss(logits, train.labels[idx].to(dev), teacher_labels[idx].to(dev))
+                        if target_feats is not None:
+                            gap = (projected.float() - target_feats[idx].to(dev)).pow(2).mean(dim=-1)
+                            per = per + config.feature_weight * gap / feat_scale
                         loss = (w_scaled[idx].to(dev) * per).mean()
                         opt.zero_grad(set_to_none=True)
                         accelerator.backward(loss)

@@ -242,3 +242,36 @@ def test_train_aggregator_on_calibrated_features(setup):
     assert runs[0][0] == runs[1][0]  # deterministic given the seed
     assert all(torch.equal(v, runs[1][1][k]) for k, v in runs[0][1].items())
     assert not agg.training
+
+
+def _feature_gap(backbone, teacher, result, train):
+    """Mean normalised squared distance of each student's projected features to the teacher's."""
+    with torch.no_grad():
+        target = backbone.features(teacher.eval(), train.inputs)
+        return [float((h.proj(s.eval()(**train.inputs)) - target).pow(2).mean() / target.pow(2).mean())
+                for s, h in zip(result.submodels, result.student_heads)]
+
+
+def test_feature_distillation_pulls_projected_features_to_the_teacher(setup):
+    backbone, teacher, train, fresh = setup
+    plain = calibrate(backbone, teacher, fresh(), train, config=config(), on_progress=False)
+    distilled = calibrate(backbone, teacher, fresh(), train, config=config(feature_weight=1.0), on_progress=False)
+    gap_plain = _feature_gap(backbone, teacher, plain, train)
+    gap_distilled = _feature_gap(backbone, teacher, distilled, train)
+    for p, d in zip(gap_plain, gap_distilled):
+        assert d < 0.5 * p, (gap_plain, gap_distilled)
+    # the sample weights still follow the classification loss alone
+    for i, (sub, head) in enumerate(zip(distilled.submodels, distilled.student_heads)):
+        with torch.no_grad():
+            logits = head(sub.eval()(**train.inputs))
+        per = 0.5 * (torch.nn.functional.cross_entropy(logits, train.labels, reduction="none")
+                     + torch.nn.functional.cross_entropy(logits, distilled.teacher_labels, reduction="none"))
+        nxt = (distilled.sample_weights[1:] + [distilled.final_weights])[i]
+        torch.testing.assert_close(nxt, update_weights(distilled.sample_weights[i], per, "boost"),
+                                   rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("beta", [-0.1, float("nan"), float("inf")])
+def test_feature_weight_must_be_finite_and_non_negative(beta):
+    with pytest.raises(ValueError, match="feature_weight"):
+        BoosterConfig(feature_weight=beta)
