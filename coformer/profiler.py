@@ -33,9 +33,9 @@ from torch import nn
 
 from coformer.backbone import Backbone, Batch
 from coformer.spec import ModelShape, SubModelSpec, UnitSelection
+from coformer.testbed import cfs_limit
 
 CGROUP_CPU = Path("/sys/fs/cgroup/cpu")
-CFS_PERIOD_US = 100_000
 
 
 @dataclass
@@ -269,11 +269,12 @@ def profile_cpu_quota(backbone_name: str, source: str | None, specs: Sequence[Su
     if quota <= 0:
         raise ValueError(f"--cpu-quota must be a positive number of cores, got {quota}")
     _check_cgroup()
+    quota_us, period_us = cfs_limit(quota)
     group = CGROUP_CPU / f"coformer-profile-{os.getpid()}-{int(time.time() * 1000)}"
     group.mkdir()
     try:
-        (group / "cpu.cfs_period_us").write_text(str(CFS_PERIOD_US))
-        (group / "cpu.cfs_quota_us").write_text(str(int(quota * CFS_PERIOD_US)))
+        (group / "cpu.cfs_period_us").write_text(str(period_us))
+        (group / "cpu.cfs_quota_us").write_text(str(quota_us))
         with tempfile.TemporaryDirectory() as tmp:
             job = Path(tmp) / "job.json"
             out = Path(tmp) / "profile.json"
@@ -291,8 +292,8 @@ def profile_cpu_quota(backbone_name: str, source: str | None, specs: Sequence[Su
             group.rmdir()
         except OSError:
             pass
-    profile.meta.update({"where": "cgroup", "cpu_quota": quota, "cfs_period_us": CFS_PERIOD_US,
-                         "cfs_quota_us": int(quota * CFS_PERIOD_US)})
+    profile.meta.update({"where": "cgroup", "cpu_quota": quota, "cfs_period_us": period_us,
+                         "cfs_quota_us": quota_us})
     return profile
 
 

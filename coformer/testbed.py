@@ -9,6 +9,9 @@ Each worker gets
 * a cgroup v1 ``cpu`` group (``/sys/fs/cgroup/cpu/coformer-<name>``) whose
   ``cpu.cfs_quota_us``/``cpu.cfs_period_us`` follow the chosen device profiles' GFLOPS ratios,
   scaled so the strongest device gets ``cores`` CPUs, with torch threads matched to its quota.
+  The CFS period is short (:data:`CFS_PERIOD_US`, 10 ms): with the kernel's default 100 ms a
+  request that needs less CPU than one period's quota runs at full speed (a 0.35-core "Nano"
+  answered a 2 ms request in 3 ms instead of ~9 ms), so slow devices were not slow per request.
 
 Everything created is recorded in a JSON state file *as it is created*, so :func:`down`
 removes every namespace, veth, qdisc, cgroup and process even after a failed :func:`up`.
@@ -32,7 +35,7 @@ from coformer.spec import BUILTIN_DEVICES, DeviceProfile
 
 CGROUP_CPU_ROOT = Path("/sys/fs/cgroup/cpu")
 DEFAULT_STATE = Path("/run/coformer/testbed.json")
-CFS_PERIOD_US = 100_000
+CFS_PERIOD_US = 10_000
 MIN_QUOTA_US = 1_000  # the kernel's lower bound for cpu.cfs_quota_us
 WORKER_PORT = 50051
 
@@ -76,12 +79,24 @@ def rate_bits(rate: str) -> float:
     return float(rate[: -len(unit)]) * scale[unit]
 
 
-def cpu_quotas(devices: Sequence[DeviceProfile], cores: float = 1.0) -> list[int]:
-    """CFS quotas (µs per :data:`CFS_PERIOD_US`) in the ratio of the devices' GFLOPS; strongest = ``cores``."""
+def cfs_limit(cores: float, period_us: int = CFS_PERIOD_US) -> tuple[int, int]:
+    """``(cfs_quota_us, cfs_period_us)`` for a share of ``cores`` CPUs.
+
+    The period is ``period_us`` unless the quota would fall below the kernel's 1 ms floor; then
+    the period grows so the quota is exactly 1 ms and the share is kept.
+    """
+    if not cores > 0:
+        raise ValueError(f"a CPU share must be positive, got {cores}")
+    period = max(period_us, round(MIN_QUOTA_US / cores))
+    return max(MIN_QUOTA_US, round(period * cores)), period
+
+
+def cpu_limits(devices: Sequence[DeviceProfile], cores: float = 1.0) -> list[tuple[int, int]]:
+    """Per device ``(quota_us, period_us)`` in the ratio of the devices' GFLOPS; strongest = ``cores`` CPUs."""
     if cores <= 0:
         raise ValueError(f"cores must be positive, got {cores}")
     top = max(d.gflops for d in devices)
-    return [max(MIN_QUOTA_US, round(CFS_PERIOD_US * cores * d.gflops / top)) for d in devices]
+    return [cfs_limit(cores * d.gflops / top) for d in devices]
 
 
 @dataclass
@@ -194,16 +209,16 @@ def up(devices: Sequence[str | DeviceProfile], rates: Sequence[str | float], *, 
     state_path = Path(state_file)
     if state_path.exists():
         raise TestbedError(f"{state_path} already describes a running testbed; run `coformer testbed down` first")
-    quotas = cpu_quotas(profiles, cores)
+    limits = cpu_limits(profiles, cores)
     bed = Testbed(state_path, prefix)
     try:
-        for i, (dev, rate, quota) in enumerate(zip(profiles, tc_rates, quotas)):
+        for i, (dev, rate, (quota, period)) in enumerate(zip(profiles, tc_rates, limits)):
             name = f"{prefix}{i}"
             w = TestbedWorker(
                 name=name, device=dev.name, gflops=dev.gflops, rate=rate, namespace=f"coformer-{name}",
                 host_if=f"{name}h", ns_if=f"{name}n", host_ip=f"10.{subnet}.{i}.1", ns_ip=f"10.{subnet}.{i}.2",
                 port=port, cgroup=str(CGROUP_CPU_ROOT / f"coformer-{name}"), quota_us=quota,
-                period_us=CFS_PERIOD_US, threads=max(1, round(quota / CFS_PERIOD_US)),
+                period_us=period, threads=max(1, round(quota / period)),
             )
             if len(w.host_if) > 15:
                 raise ValueError(f"prefix {prefix!r} is too long for interface names (max 12 characters)")

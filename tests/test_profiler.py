@@ -101,7 +101,7 @@ def test_cpu_quota_profile_runs_in_a_cgroup_and_cleans_up(tiny):
     backbone, teacher = tiny
     specs = sample_shapes(backbone.shape(teacher), 3, seed=0)
     prof = profile_cpu_quota("bert", "tiny", specs, 0.5, device="half-core", warmup=1, repeats=3)
-    assert prof.meta["cfs_quota_us"] == 50_000 and prof.meta["threads"] == 1
+    assert prof.meta["cfs_quota_us"] == 5_000 and prof.meta["cfs_period_us"] == 10_000 and prof.meta["threads"] == 1
     assert [r.spec for r in prof.records] == specs
     assert all(r.latency_ms > 0 for r in prof.records)
     # the group the child ran in is gone afterwards

@@ -24,7 +24,8 @@ from coformer.testbed import (
     CFS_PERIOD_US,
     Testbed,
     TestbedError,
-    cpu_quotas,
+    cfs_limit,
+    cpu_limits,
     down,
     leftovers_of,
     parse_rate,
@@ -51,12 +52,22 @@ def _sh(*cmd: str) -> str:
 
 def test_quotas_follow_device_gflops() -> None:
     devs = [BUILTIN_DEVICES[n] for n in ("jetson-tx2", "orin-nano", "jetson-nano", "rpi4b")]
-    q = cpu_quotas(devs, cores=1.0)
-    assert q[0] == CFS_PERIOD_US  # the strongest gets exactly one core
-    for d, quota in zip(devs[1:3], q[1:3]):
+    limits = cpu_limits(devs, cores=1.0)
+    assert limits[0] == (CFS_PERIOD_US, CFS_PERIOD_US)  # the strongest gets exactly one core
+    for d, (quota, period) in zip(devs[1:3], limits[1:3]):
+        assert period == CFS_PERIOD_US
         assert quota == pytest.approx(CFS_PERIOD_US * d.gflops / devs[0].gflops, abs=1)
-    assert q[3] == 2028  # 13.5/665.6 of a core, above the kernel's 1 ms floor
-    assert cpu_quotas(devs, cores=2.0)[0] == 2 * CFS_PERIOD_US
+    # 13.5/665.6 of a core is 203 µs per 10 ms, below the kernel's 1 ms floor: the period grows instead
+    quota, period = limits[3]
+    assert quota == 1000 and quota / period == pytest.approx(13.5 / 665.6, rel=1e-3)
+    assert cpu_limits(devs, cores=2.0)[0] == (2 * CFS_PERIOD_US, CFS_PERIOD_US)
+
+
+def test_cfs_limit_rejects_a_non_positive_share() -> None:
+    assert cfs_limit(0.5) == (CFS_PERIOD_US // 2, CFS_PERIOD_US)
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="positive"):
+            cfs_limit(bad)
 
 
 def test_rates_parse_to_tc_syntax() -> None:
