@@ -1,7 +1,8 @@
 """``coformer bench``: teacher, CoFormer, pipeline and tensor-parallel splits side by side, per link rate.
 
 Every method runs over the same workers and transport (:mod:`coformer.baselines`). Per method
-and link rate the bench records, over ``requests`` single-example requests after ``warmup``:
+and link rate the bench records, over ``requests`` requests of ``batch_size`` test examples
+each (1 by default) after ``warmup``:
 
 * end-to-end latency (median, p90) and speed-up vs the teacher;
 * a breakdown: compute on the critical path (worker-reported, slowest device per round, plus
@@ -56,6 +57,8 @@ class BenchConfig:
 
     rates_mbps: list[float] = field(default_factory=lambda: [2.0, 100.0, 500.0, 1000.0])
     requests: int = 20
+    #: test examples per request
+    batch_size: int = 1
     warmup: int = 3
     #: stop a method early (after at least 3 timed requests) once its timed requests took this long
     max_seconds_per_method: float = 120.0
@@ -78,16 +81,27 @@ def _median(values: Sequence[float]) -> float:
 
 @dataclass
 class Sample:
-    """The requests: single examples from the test split, with labels and the teacher's predictions."""
+    """The requests: consecutive test examples, ``batch_size`` per request, with their labels."""
 
     batches: list[Batch]
-    labels: list[int]
+    labels: list[list[int]]
 
 
-def make_sample(test: TensorDataset, n: int) -> Sample:
-    """The first ``n`` test examples as batch-1 requests."""
-    n = min(n, len(test))
-    return Sample([test.batch([i]) for i in range(n)], [int(test.labels[i]) for i in range(n)])
+def make_sample(test: TensorDataset, n: int, batch_size: int = 1) -> Sample:
+    """Up to ``n`` requests of ``batch_size`` consecutive test examples each (fewer if the split runs out)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if len(test) < batch_size:
+        raise ValueError(f"a request of {batch_size} examples needs that many test examples; the split has {len(test)}")
+    n = max(1, min(n, len(test) // batch_size))
+    idx = [list(range(i * batch_size, (i + 1) * batch_size)) for i in range(n)]
+    return Sample([test.batch(ix) for ix in idx], [[int(test.labels[i]) for i in ix] for ix in idx])
+
+
+def _percent_equal(a: Sequence[Sequence[int]], b: Sequence[Sequence[int]]) -> float:
+    """Percentage of equal entries between two lists of per-request prediction/label lists."""
+    pairs = [(x, y) for ra, rb in zip(a, b) for x, y in zip(ra, rb)]
+    return 100.0 * sum(x == y for x, y in pairs) / len(pairs)
 
 
 def measure_method(method: Method, sample: Sample, rate_bps: float | None, cfg: BenchConfig,
@@ -97,12 +111,12 @@ def measure_method(method: Method, sample: Sample, rate_bps: float | None, cfg: 
     for i in range(cfg.warmup):
         method.infer(sample.batches[i % n], timeout=cfg.timeout_s)
     traces: list[Trace] = []
-    preds: list[int] = []
+    preds: list[list[int]] = []
     started = time.perf_counter()
     for i in range(cfg.requests):
         trace = method.infer(sample.batches[i % n], timeout=cfg.timeout_s)
         traces.append(trace)
-        preds.append(int(trace.logits.argmax(-1)[0]))
+        preds.append([int(p) for p in trace.logits.argmax(-1)])
         if len(traces) >= 3 and time.perf_counter() - started > cfg.max_seconds_per_method:
             break
     power = {d.name: d.power_w for d in method.devices}
@@ -131,7 +145,7 @@ def measure_method(method: Method, sample: Sample, rate_bps: float | None, cfg: 
         "busy_ms_per_device": busy,
         "energy_j_estimate": _median(energy),
         "predictions": preds,
-        "sample_accuracy": 100.0 * sum(p == sample.labels[i % n] for i, p in enumerate(preds)) / len(preds),
+        "sample_accuracy": _percent_equal(preds, [sample.labels[i % n] for i in range(len(preds))]),
     }
 
 
@@ -188,14 +202,13 @@ def run_bench(setup: BenchSetup, cfg: BenchConfig, *, accuracy_limit: int | None
               log: Callable[[str], None] = print) -> dict[str, Any]:
     """Measure every method at every rate; returns the JSON-ready document."""
     methods = build_methods(setup)
-    sample = make_sample(setup.test, max(cfg.requests, cfg.warmup, 1))
+    sample = make_sample(setup.test, max(cfg.requests, cfg.warmup, 1), cfg.batch_size)
     test = setup.test if accuracy_limit is None else setup.test.subset(range(min(accuracy_limit, len(setup.test))))
     log(f"accuracy: teacher on {len(test)} test examples")
     t_logits = teacher_logits(setup.backbone, setup.teacher, test)
     teacher_acc = accuracy_of(t_logits, test.labels)
-    teacher_sample_preds = [int(x) for x in teacher_logits(
-        setup.backbone, setup.teacher, TensorDataset({k: torch.cat([b[k] for b in sample.batches]) for k in sample.batches[0]},
-                                                     torch.tensor(sample.labels))).argmax(-1)]
+    teacher_sample_preds = [[int(x) for x in teacher_logits(setup.backbone, setup.teacher, TensorDataset(
+        b, torch.tensor(lab))).argmax(-1)] for b, lab in zip(sample.batches, sample.labels)]
     if setup.coformer_accuracy is not None:
         co_acc, co_source = setup.coformer_accuracy, "plan figures"
     else:
@@ -217,8 +230,8 @@ def run_bench(setup: BenchSetup, cfg: BenchConfig, *, accuracy_limit: int | None
                 r = measure_method(m, sample, rate * 1e6, cfg, shaped=setup.shape_links is not None)
                 r["rate_mbps"] = rate
                 r["link"] = "shaped" if setup.shape_links is not None else "modelled"
-                agree = sum(p == teacher_sample_preds[i % len(sample.batches)] for i, p in enumerate(r["predictions"]))
-                r["agreement_with_teacher"] = 100.0 * agree / len(r["predictions"])
+                r["agreement_with_teacher"] = _percent_equal(
+                    r["predictions"], [teacher_sample_preds[i % len(sample.batches)] for i in range(len(r["predictions"]))])
                 r["module_memory_bytes"] = memory[name]
                 runs.append(r)
     finally:
@@ -242,11 +255,12 @@ def run_bench(setup: BenchSetup, cfg: BenchConfig, *, accuracy_limit: int | None
     doc = {
         "devices": [d.to_dict() for d in setup.devices],
         "config": {"rates_mbps": cfg.rates_mbps, "requests": cfg.requests, "warmup": cfg.warmup,
+                   "batch_size": cfg.batch_size,
                    "max_seconds_per_method": cfg.max_seconds_per_method},
         "accuracy": accuracy,
         "runs": runs,
         "notes": {
-            "latency": "end-to-end per batch-1 request after warm-up; median and p90",
+            "latency": f"end-to-end per request of {cfg.batch_size} example(s) after warm-up; median and p90",
             "link": "shaped = tc tbf on the testbed; modelled = loopback run + payload bytes / rate per round",
             "bytes": "serialized request batches (safetensors) + fp16 responses, all rounds",
             "memory": "module memory = weights + measured peak activations of one call (coformer.measure)",

@@ -101,6 +101,7 @@ def reshape_links(bed: Any, rate_mbps: float) -> None:
 @click.option("--link-mbps", default="2,100,500,1000", show_default=True, help="Link rates in Mbit/s.")
 @click.option("--requests", type=int, default=20, show_default=True, help="Timed requests per method and rate.")
 @click.option("--warmup", type=int, default=3, show_default=True, help="Untimed requests first.")
+@click.option("--batch-size", type=int, default=1, show_default=True, help="Test examples per request.")
 @click.option("--max-seconds", type=float, default=120.0, show_default=True,
               help="Stop a method early (after ≥3 timed requests) when its requests took this long.")
 @click.option("--accuracy-limit", type=int, default=None, help="Use only the first N test examples for accuracy.")
@@ -113,7 +114,8 @@ def reshape_links(bed: Any, rate_mbps: float) -> None:
 @click.option("--state", "state_file", default=None, help="Testbed state file (default: a temporary file).")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output directory.")
 def bench_cmd(plan_dir: str, testbed: bool, workers: str | None, teacher_dir: str | None, link_mbps: str,
-              requests: int, warmup: int, max_seconds: float, accuracy_limit: int | None, recompute_accuracy: bool,
+              requests: int, warmup: int, batch_size: int, max_seconds: float, accuracy_limit: int | None,
+              recompute_accuracy: bool,
               device_plans: str | None, device_count_rate: float | None, cores: float, state_file: str | None,
               out_dir: str) -> None:
     """Teacher alone, CoFormer, pipeline and tensor-parallel side by side: latency, bytes, memory, energy, accuracy."""
@@ -127,8 +129,8 @@ def bench_cmd(plan_dir: str, testbed: bool, workers: str | None, teacher_dir: st
     if testbed == bool(workers):
         raise click.UsageError("give exactly one of --testbed (emulated cluster, root) or --workers URI,...")
     rates = _floats(link_mbps, "--link-mbps")
-    if requests < 1 or warmup < 0:
-        raise click.BadParameter("--requests must be ≥ 1 and --warmup ≥ 0")
+    if requests < 1 or warmup < 0 or batch_size < 1:
+        raise click.BadParameter("--requests and --batch-size must be ≥ 1 and --warmup ≥ 0")
     try:
         plan = load_plan(plan_dir)
         extra_plans = [load_plan(p.strip()) for p in device_plans.split(",")] if device_plans else []
@@ -146,7 +148,8 @@ def bench_cmd(plan_dir: str, testbed: bool, workers: str | None, teacher_dir: st
     teacher = resolve_teacher(backbone, plan, teacher_dir)
     data = default_dataset(backbone.modality)
     test = encode(backbone, teacher, data.test)
-    cfg = BenchConfig(rates_mbps=rates, requests=requests, warmup=warmup, max_seconds_per_method=max_seconds)
+    cfg = BenchConfig(rates_mbps=rates, requests=requests, warmup=warmup, batch_size=batch_size,
+                      max_seconds_per_method=max_seconds)
     co_acc = None
     if not recompute_accuracy:
         co_acc = (plan.figures.get("coformer") or {}).get("accuracy")
@@ -188,7 +191,7 @@ def bench_cmd(plan_dir: str, testbed: bool, workers: str | None, teacher_dir: st
     doc = with_workers(devices, main_body)
     if extra_plans:
         dc_rate = device_count_rate or max(rates)
-        sample = make_sample(test, max(requests, warmup, 1))
+        sample = make_sample(test, max(requests, warmup, 1), batch_size)
         rows = []
         for p in [plan, *extra_plans]:
             devs = Policy.from_dict(p.meta["policy"]).devices
@@ -207,7 +210,7 @@ def bench_cmd(plan_dir: str, testbed: bool, workers: str | None, teacher_dir: st
             rows.append(with_workers(devs, dc_body))
         doc["device_count"] = sorted(rows, key=lambda r: len(r["devices"]))
     doc["command"] = {"plan": str(plan_dir), "testbed": testbed, "workers": uris, "link_mbps": rates,
-                      "requests": requests, "warmup": warmup}
+                      "requests": requests, "warmup": warmup, "batch_size": batch_size}
     paths = write_outputs(doc, out_dir)
     console.print(paths["table"].read_text())
     for k, p in paths.items():

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 import coformer
 from coformer.artifacts import load_plan, save_plan
-from coformer.bench import BenchConfig, BenchSetup, percentile, run_bench, write_outputs
+from coformer.bench import BenchConfig, BenchSetup, make_sample, percentile, run_bench, write_outputs
 from coformer.data import TensorDataset
 from coformer.decompose import proportional_specs
 from coformer.spec import BUILTIN_DEVICES
@@ -89,6 +89,28 @@ def test_bench_runs_every_method_at_two_rates(tiny: dict[str, Any], tmp_path: Pa
     assert table.count("| tensor-parallel |") == 2 and "ESTIMATE" in table
     for key in ("breakdown", "accuracy"):
         assert paths[key].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_batches_several_examples_per_request(tiny: dict[str, Any]) -> None:
+    plan = load_plan(tiny["root"] / "plan")
+    clients = [coformer.open_transport(f"inproc://bench-batch-{i}") for i in range(3)]
+    setup = BenchSetup(tiny["backbone"], tiny["teacher"], plan, tiny["devices"], clients, tiny["test"])
+    one = {r["method"]: r for r in run_bench(setup, BenchConfig(rates_mbps=[1000.0], requests=2, warmup=1),
+                                              log=lambda _m: None)["runs"]}
+    doc = run_bench(setup, BenchConfig(rates_mbps=[1000.0], requests=2, warmup=1, batch_size=4), log=lambda _m: None)
+    by = {r["method"]: r for r in doc["runs"]}
+    # each request carries 4 examples; the exact splits still agree with the teacher on every one of them
+    for m in ("teacher", "coformer", "pipeline", "tensor-parallel"):
+        assert [len(p) for p in by[m]["predictions"]] == [4, 4]
+    for m in ("pipeline", "tensor-parallel"):
+        assert by[m]["agreement_with_teacher"] == 100.0
+    # of the first 8 labels, 0, 3 and 6 are flipped (see the fixture): the teacher gets 5 right
+    assert by["teacher"]["sample_accuracy"] == pytest.approx(62.5)
+    # CoFormer's features grow with the batch: 4 examples' fp16 features instead of one
+    assert by["coformer"]["bytes_per_request"] > 2 * one["coformer"]["bytes_per_request"]
+    assert "4 example(s)" in doc["notes"]["latency"]
+    with pytest.raises(ValueError, match="needs that many test examples"):
+        make_sample(tiny["test"], 2, batch_size=len(tiny["test"]) + 1)
 
 
 def test_bench_cli_with_inproc_workers(tiny: dict[str, Any], tmp_path: Path) -> None:
