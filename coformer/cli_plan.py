@@ -22,15 +22,7 @@ from coformer.backbone import Backbone, Batch
 from coformer.cli import cli, console
 from coformer.data import TensorDataset
 from coformer.heads import ClassifierHead
-
-
-def reference_input(backbone: Backbone, teacher: nn.Module) -> Batch:
-    """The batch-1 input latency and costs are measured on: one real BBC article for text backbones."""
-    if backbone.modality == "text":
-        from coformer.data import load_bbc_news
-
-        return backbone.prepare(teacher, load_bbc_news().val.examples[:1])
-    return backbone.example_batch(teacher, batch_size=1)
+from coformer.profiler import reference_input
 
 
 def _subset(examples: Sequence[Any], labels: Sequence[int], n: int, seed: int) -> tuple[list, list[int]]:
@@ -128,15 +120,16 @@ def profile_cmd(backbone_name: str, source: str | None, device_name: str, cpu_qu
     backbone = coformer.create_backbone(backbone_name)
     teacher = load_teacher(backbone, source)
     specs = sample_shapes(backbone.shape(teacher), shapes, seed)
+    batch = reference_input(backbone, teacher)
     if cpu_quota is not None:
         prof = profile_cpu_quota(backbone_name, source, specs, cpu_quota, device=device_name, warmup=warmup,
-                                 repeats=repeats, progress=True, statistic=statistic)
+                                 repeats=repeats, batch=batch, progress=True, statistic=statistic)
     elif worker_uri is not None:
         prof = profile_remote(backbone, teacher, specs, worker_uri, device=device_name, warmup=warmup,
-                              repeats=repeats, progress=True, statistic=statistic)
+                              repeats=repeats, batch=batch, progress=True, statistic=statistic)
     else:
         prof = profile_local(backbone, teacher, specs, device=device_name, threads=threads, warmup=warmup,
-                             repeats=repeats, progress=True, statistic=statistic)
+                             repeats=repeats, batch=batch, progress=True, statistic=statistic)
     js, cs = prof.save(out)
     console.print(f"profile of {len(prof.records)} shapes on {device_name!r}: {js} and {cs}")
     if train:

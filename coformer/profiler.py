@@ -259,12 +259,13 @@ def threads_for_quota(quota: float) -> int:
 
 
 def profile_cpu_quota(backbone_name: str, source: str | None, specs: Sequence[SubModelSpec], quota: float, *,
-                      device: str, warmup: int = 2, repeats: int = 5, progress: bool = False,
-                      statistic: str = "median") -> Profile:
+                      device: str, warmup: int = 2, repeats: int = 5, batch: Batch | None = None,
+                      progress: bool = False, statistic: str = "median") -> Profile:
     """Time each spec in a child process limited to ``quota`` CPU cores by a cgroup v1 ``cpu`` group.
 
     The child loads the teacher itself (from ``source``, or the embedded default), joins the
-    cgroup before doing any work, and sets torch threads to ``ceil(quota)``.
+    cgroup before doing any work, and sets torch threads to ``ceil(quota)``. ``batch`` (handed
+    over as a safetensors file) is the input timed; the backbone's example batch by default.
     """
     if quota <= 0:
         raise ValueError(f"--cpu-quota must be a positive number of cores, got {quota}")
@@ -278,7 +279,14 @@ def profile_cpu_quota(backbone_name: str, source: str | None, specs: Sequence[Su
         with tempfile.TemporaryDirectory() as tmp:
             job = Path(tmp) / "job.json"
             out = Path(tmp) / "profile.json"
+            batch_file = None
+            if batch is not None:
+                from safetensors.torch import save_file
+
+                batch_file = str(Path(tmp) / "batch.safetensors")
+                save_file({k: v.contiguous() for k, v in batch.items()}, batch_file)
             job.write_text(json.dumps({
+                "batch": batch_file,
                 "backbone": backbone_name, "source": source, "specs": [s.to_dict() for s in specs],
                 "device": device, "threads": threads_for_quota(quota), "warmup": warmup, "repeats": repeats,
                 "statistic": statistic, "cgroup_tasks": str(group / "tasks"), "out": str(out), "progress": progress}))
@@ -297,6 +305,19 @@ def profile_cpu_quota(backbone_name: str, source: str | None, specs: Sequence[Su
     return profile
 
 
+def reference_input(backbone: Backbone, teacher: nn.Module) -> Batch:
+    """The batch-1 input latencies and costs are measured on, the same for profiles and plans.
+
+    Text backbones: one real BBC News article prepared by the teacher (its ``max_length``
+    tokens, as the demo and the bench send them); others: the backbone's example batch.
+    """
+    if backbone.modality == "text":
+        from coformer.data import load_bbc_news
+
+        return backbone.prepare(teacher, load_bbc_news().val.examples[:1])
+    return backbone.example_batch(teacher, batch_size=1)
+
+
 def load_teacher(backbone: Backbone, source: str | None) -> nn.Module:
     """The teacher for profiling: ``source`` directory, the embedded default, or ``tiny`` (tests)."""
     if source == "tiny":
@@ -312,8 +333,13 @@ def _child(job_file: str) -> None:
     backbone = coformer.create_backbone(job["backbone"])
     teacher = load_teacher(backbone, job["source"])
     specs = [SubModelSpec.from_dict(s) for s in job["specs"]]
+    batch = None
+    if job.get("batch"):
+        from safetensors.torch import load_file
+
+        batch = load_file(job["batch"])
     prof = profile_local(backbone, teacher, specs, device=job["device"], threads=job["threads"],
-                         warmup=job["warmup"], repeats=job["repeats"], progress=job["progress"],
+                         warmup=job["warmup"], repeats=job["repeats"], batch=batch, progress=job["progress"],
                          statistic=job["statistic"])
     prof.meta["cgroup"] = str(Path(job["cgroup_tasks"]).parent)
     Path(job["out"]).write_text(json.dumps(prof.to_dict()))

@@ -39,7 +39,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     import coformer
-    from coformer.cli_plan import reference_input, validation_task
+    from coformer.cli_plan import validation_task
+    from coformer.profiler import reference_input
     from coformer.evaluator import Evaluator
     from coformer.spec import resolve_devices
 

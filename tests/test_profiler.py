@@ -100,10 +100,33 @@ def test_cpu_quota_rejects_nonpositive_quota():
 def test_cpu_quota_profile_runs_in_a_cgroup_and_cleans_up(tiny):
     backbone, teacher = tiny
     specs = sample_shapes(backbone.shape(teacher), 3, seed=0)
-    prof = profile_cpu_quota("bert", "tiny", specs, 0.5, device="half-core", warmup=1, repeats=3)
+    batch = backbone.example_batch(teacher, batch_size=1, seed=3)
+    batch = {k: v[:, :12] for k, v in batch.items()}
+    prof = profile_cpu_quota("bert", "tiny", specs, 0.5, device="half-core", warmup=1, repeats=3, batch=batch)
     assert prof.meta["cfs_quota_us"] == 5_000 and prof.meta["cfs_period_us"] == 10_000 and prof.meta["threads"] == 1
+    # the child timed the input it was handed, not its own example batch
+    assert prof.meta["input_shapes"] == {"input_ids": [1, 12], "attention_mask": [1, 12]}
     assert [r.spec for r in prof.records] == specs
     assert all(r.latency_ms > 0 for r in prof.records)
     # the group the child ran in is gone afterwards
     assert not Path(prof.meta["cgroup"]).exists()
     assert profiler.threads_for_quota(1.5) == 2 and profiler.threads_for_quota(0.25) == 1
+
+
+def test_profile_command_times_the_input_plans_are_costed_on(tiny, tmp_path: Path):
+    """`coformer profile` and `coformer plan` must time the same input, or predictors mislead the search."""
+    from click.testing import CliRunner
+
+    from coformer.cli import build_cli
+    from coformer.profiler import reference_input
+
+    backbone, teacher = tiny
+    out = tmp_path / "dev.json"
+    res = CliRunner().invoke(build_cli(), ["profile", "--source", "tiny", "--device-name", "dev", "--shapes", "3",
+                                           "--repeats", "1", "--warmup", "0", "--no-train", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    meta = Profile.load(out).meta
+    expected = {k: list(v.shape) for k, v in reference_input(backbone, teacher).items()}
+    assert meta["input_shapes"] == expected
+    # a real article fills the teacher's max_length; the example batch would be shorter or padded differently
+    assert expected["input_ids"][1] == teacher.max_length
