@@ -2,7 +2,10 @@
 
 The seed's predictor (supplementary §A): a three-layer MLP (600 hidden units, ReLU) mapping
 a sub-model's (layers, embed dim, mean heads, mean MLP width) to its measured latency.
-Inputs and targets are standardised with statistics of the training set. Saved as
+It regresses the *logarithm* of the latency: predictions are always positive (a linear target
+extrapolated below zero for sub-models smaller than any profiled one, so a search saw them as
+free), and squared error in log space weighs relative error alike for 1 ms and 60 ms shapes.
+Inputs and log targets are standardised with statistics of the training set. Saved as
 ``<path>.safetensors`` (weights + normalisation) and ``<path>.json`` (device, metadata).
 """
 
@@ -44,10 +47,11 @@ def _xy(records: Sequence[ProfileRecord]) -> tuple[Tensor, Tensor]:
 class LatencyPredictor(nn.Module):
     """f(l, d, h̄, D̄) → latency in ms on one device: Linear-ReLU-Linear-ReLU-Linear, 600 hidden."""
 
-    def __init__(self, device: str = "device", hidden: int = HIDDEN):
+    def __init__(self, device: str = "device", hidden: int = HIDDEN, *, log_target: bool = True):
         super().__init__()
         self.device_name = device
         self.hidden = hidden
+        self.log_target = log_target
         self.net = nn.Sequential(nn.Linear(4, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
                                  nn.Linear(hidden, 1))
         self.register_buffer("x_mean", torch.zeros(4))
@@ -59,7 +63,8 @@ class LatencyPredictor(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """Latency (ms) for raw feature rows ``x`` ``[B, 4]``."""
         z = (x - self.x_mean) / self.x_std
-        return self.net(z).squeeze(-1) * self.y_std + self.y_mean
+        out = self.net(z).squeeze(-1) * self.y_std + self.y_mean
+        return torch.exp(out) if self.log_target else out
 
     def fit(self, records: Sequence[ProfileRecord], *, epochs: int = 1500, lr: float = 1e-3,
             seed: int = 0) -> LatencyPredictor:
@@ -72,6 +77,10 @@ class LatencyPredictor(nn.Module):
             if isinstance(m, nn.Linear):
                 m.reset_parameters()
         x, y = _xy(records)
+        if self.log_target:
+            if (y <= 0).any():
+                raise ValueError("profiled latencies must be positive to fit their logarithm")
+            y = torch.log(y)
         self.x_mean.copy_(x.mean(0))
         self.x_std.copy_(x.std(0).clamp_min(1e-6))
         self.y_mean.copy_(y.mean())
@@ -88,7 +97,8 @@ class LatencyPredictor(nn.Module):
             opt.step()
             sched.step()
         self.eval()
-        self.meta = {"device": self.device_name, "train_shapes": len(records), "epochs": epochs, "lr": lr}
+        self.meta = {"device": self.device_name, "train_shapes": len(records), "epochs": epochs, "lr": lr,
+                     "target": "log_ms" if self.log_target else "ms"}
         return self
 
     @torch.no_grad()
@@ -110,6 +120,7 @@ class LatencyPredictor(nn.Module):
         save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(weights))
         doc = {"kind": "coformer-latency-predictor", "device": self.device_name, "hidden": self.hidden,
                "inputs": ["layers", "embed_dim", "mean_heads", "mean_mlp"], "unit": "ms",
+               "target": "log_ms" if self.log_target else "ms",
                "weights": weights.name, "meta": self.meta}
         meta_file.write_text(json.dumps(doc, indent=2))
         return meta_file
@@ -125,7 +136,8 @@ class LatencyPredictor(nn.Module):
         doc = json.loads(meta_file.read_text())
         if doc.get("kind") != "coformer-latency-predictor":
             raise ValueError(f"{meta_file} is not a latency predictor (kind={doc.get('kind')!r})")
-        model = cls(doc["device"], doc["hidden"])
+        # predictors saved before the log target regressed milliseconds directly
+        model = cls(doc["device"], doc["hidden"], log_target=doc.get("target", "ms") == "log_ms")
         model.load_state_dict(load_file(str(base.parent / doc["weights"])))
         model.meta = doc.get("meta", {})
         return model.eval()

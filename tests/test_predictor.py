@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ import pytest
 import coformer
 from coformer.predictor import FlopsBaseline, LatencyPredictor, errors, split_records, train_and_score
 from coformer.profiler import profile_local, sample_shapes
+from coformer.spec import SubModelSpec
 
 
 @pytest.fixture(scope="module")
@@ -53,3 +55,23 @@ def test_errors_and_bad_input():
         LatencyPredictor().fit([])
     with pytest.raises(FileNotFoundError, match="not a saved latency predictor"):
         LatencyPredictor.load("/nonexistent/predictor")
+
+
+def test_predictions_stay_positive_below_the_profiled_range(profile):
+    """A linear target extrapolated below zero for tiny shapes, which a search then took as free."""
+    pred = LatencyPredictor("host").fit(profile.records, epochs=300)
+    tiniest = SubModelSpec(1, 1, (1,), (1,))
+    assert pred.predict(tiniest) > 0
+    assert all(p > 0 for p in pred.predict_many([r.spec for r in profile.records] + [tiniest]))
+
+
+def test_predictors_saved_with_a_linear_target_still_load(profile, tmp_path: Path):
+    old = LatencyPredictor("old", log_target=False).fit(profile.records, epochs=100)
+    path = old.save(tmp_path / "old")
+    doc = json.loads(path.read_text())
+    doc.pop("target")  # files written before the log target carry no "target" key
+    path.write_text(json.dumps(doc))
+    loaded = LatencyPredictor.load(path)
+    assert loaded.log_target is False
+    specs = [r.spec for r in profile.records[:5]]
+    assert loaded.predict_many(specs) == pytest.approx(old.predict_many(specs))
