@@ -24,13 +24,14 @@ rate). JSON, a markdown table and PNG plots are written to the output directory.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -63,6 +64,9 @@ class BenchConfig:
     #: stop a method early (after at least 3 timed requests) once its timed requests took this long
     max_seconds_per_method: float = 120.0
     timeout_s: float = 300.0
+    #: torch threads of the coordinator while timing: its own work (heads, aggregation) is tiny,
+    #: and idle OpenMP threads spin, taking CPU from workers that share the host
+    coordinator_threads: int = 1
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -104,9 +108,25 @@ def _percent_equal(a: Sequence[Sequence[int]], b: Sequence[Sequence[int]]) -> fl
     return 100.0 * sum(x == y for x, y in pairs) / len(pairs)
 
 
+@contextlib.contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def measure_method(method: Method, sample: Sample, rate_bps: float | None, cfg: BenchConfig,
                    shaped: bool) -> dict[str, Any]:
     """Warm up, time the requests and summarise them (see the module docstring for each figure)."""
+    with _torch_threads(cfg.coordinator_threads):
+        return _measure(method, sample, rate_bps, cfg, shaped)
+
+
+def _measure(method: Method, sample: Sample, rate_bps: float | None, cfg: BenchConfig,
+             shaped: bool) -> dict[str, Any]:
     n = len(sample.batches)
     for i in range(cfg.warmup):
         method.infer(sample.batches[i % n], timeout=cfg.timeout_s)
@@ -255,7 +275,7 @@ def run_bench(setup: BenchSetup, cfg: BenchConfig, *, accuracy_limit: int | None
     doc = {
         "devices": [d.to_dict() for d in setup.devices],
         "config": {"rates_mbps": cfg.rates_mbps, "requests": cfg.requests, "warmup": cfg.warmup,
-                   "batch_size": cfg.batch_size,
+                   "batch_size": cfg.batch_size, "coordinator_threads": cfg.coordinator_threads,
                    "max_seconds_per_method": cfg.max_seconds_per_method},
         "accuracy": accuracy,
         "runs": runs,

@@ -28,19 +28,24 @@ from coformer.cli import cli, console
               help="Also write the figures as JSON (keys: teacher, submodels, coformer).")
 @click.option("--max-length", type=int, default=64, show_default=True,
               help="Tokens kept per text (text backbones).")
+@click.option("--layers", type=int, default=None,
+              help="Layers each sub-model keeps (its most important ones; default: all). Fewer is faster.")
 @click.option("--seed", type=int, default=0, show_default=True)
 def demo_cmd(backbone_name: str, source: str | None, plan_dir: str | None, devices: str, aggregator_name: str,
              weight_rule: str | None, epochs: int | None, out: str, json_path: str | None,
-             max_length: int, seed: int) -> None:
+             max_length: int, layers: int | None, seed: int) -> None:
     """Fine-tune, decompose into one sub-model per device, calibrate, aggregate, and compare with the teacher."""
     from coformer.booster import BoosterConfig
     from coformer.demo import render, run_demo
 
+    if plan_dir is not None and layers is not None:
+        raise click.UsageError("--layers applies to the proportional policy; a --plan already fixes each "
+                               "sub-model's layers — pass one or the other")
     overrides = {k: v for k, v in {"weight_rule": weight_rule, "epochs": epochs}.items() if v is not None}
     config = BoosterConfig(seed=seed, **overrides)
     result = run_demo(backbone_name=backbone_name, source=source, plan=plan_dir, devices=devices,
                       aggregator_name=aggregator_name, config=config, out=out, seed=seed, console=console,
-                      max_length=max_length)
+                      max_length=max_length, layers=layers)
     render(result, console)
     if json_path:
         Path(json_path).write_text(json.dumps(result.to_dict(), indent=2))

@@ -35,7 +35,7 @@ from coformer.pipeline import (
     teacher_figures,
 )
 from coformer.runtime import Coordinator
-from coformer.spec import Policy, resolve_devices
+from coformer.spec import ConstraintError, Policy, Violation, resolve_devices
 
 DEFAULT_DEVICES = ("jetson-nano", "jetson-tx2", "orin-nano")
 #: Tokens kept per text in the demo: BBC articles are long, and 64 tokens (headline and lead)
@@ -113,11 +113,19 @@ def run_demo(
     seed: int = 0,
     dataset: RawDataset | None = None,
     max_length: int | None = DEMO_MAX_LENGTH,
+    layers: int | None = None,
     load_options: dict[str, Any] | None = None,
     latency_repeats: int = 30,
     console: Console | None = None,
 ) -> DemoResult:
-    """Run the demo flow and return its figures (see module docstring)."""
+    """Run the demo flow and return its figures (see module docstring).
+
+    ``layers`` makes each sub-model of the proportional policy keep only that many of the
+    teacher's layers (its most important ones): fewer layers, faster sub-models.
+    """
+    if plan is not None and layers is not None:
+        raise ValueError("layers applies to the proportional policy; a plan directory already fixes each "
+                         "sub-model's layers — pass one or the other")
     console = console or Console()
     started = time.perf_counter()
     torch.manual_seed(seed)
@@ -146,8 +154,13 @@ def run_demo(
         policy = load_policy(plan)
     else:
         profiles = resolve_devices(devices)
-        specs = proportional_specs(shape, [d.gflops for d in profiles])
-        policy = Policy(specs, profiles, {"source": "proportional to device GFLOPS"})
+        if layers is not None and not 1 <= layers <= shape.layers:
+            raise ConstraintError([Violation(
+                "C1", f"every sub-model would keep {layers} layers but the teacher has {shape.layers}; "
+                      f"choose --layers 1..{shape.layers}", None, float(max(layers - shape.layers, 1 - layers)))])
+        specs = proportional_specs(shape, [d.gflops for d in profiles], layers=layers)
+        source_note = "proportional to device GFLOPS" + (f", {layers} layers each" if layers else "")
+        policy = Policy(specs, profiles, {"source": source_note})
     one = teacher.test.batch([0])
     parts = decompose_policy(backbone, teacher, policy)
     costs = parts.costs

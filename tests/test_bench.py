@@ -131,3 +131,24 @@ def test_bench_cli_with_inproc_workers(tiny: dict[str, Any], tmp_path: Path) -> 
     assert "| CoFormer devices |" in (out / "bench.md").read_text()
     bad = CliRunner().invoke(build_cli(), [*args[:4], "inproc://c0", *args[5:]])
     assert bad.exit_code != 0 and "one URI per sub-model" in bad.output
+
+
+def test_requests_are_timed_with_the_coordinator_thread_count(tiny: dict[str, Any], monkeypatch) -> None:
+    import coformer.bench as bench
+
+    seen: list[int] = []
+    real = bench._measure
+
+    def spy(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        seen.append(torch.get_num_threads())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bench, "_measure", spy)
+    plan = load_plan(tiny["root"] / "plan")
+    clients = [coformer.open_transport(f"inproc://bench-threads-{i}") for i in range(3)]
+    setup = BenchSetup(tiny["backbone"], tiny["teacher"], plan, tiny["devices"], clients, tiny["test"])
+    before = torch.get_num_threads()
+    run_bench(setup, BenchConfig(rates_mbps=[1000.0], requests=1, warmup=0, coordinator_threads=1),
+              log=lambda _m: None)
+    assert seen == [1, 1, 1, 1]  # one timing phase per method
+    assert torch.get_num_threads() == before  # restored for the caller

@@ -98,6 +98,34 @@ def test_demo_rejects_an_infeasible_plan_before_calibrating(small_bbc, tmp_path,
         load_policy(tmp_path / "nowhere")
 
 
+def test_demo_layers_outside_the_teacher_are_refused_before_calibrating(small_bbc, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from coformer.cli import build_cli
+
+    monkeypatch.setenv("COFORMER_CACHE", str(tmp_path / "cache"))
+    for layers in (0, 7):
+        with pytest.raises(ConstraintError, match=r"C1: .*teacher has 6; choose --layers 1\.\.6"):
+            run_demo(dataset=small_bbc, layers=layers, out=tmp_path / "out", load_options={"max_length": 16},
+                     console=Console(width=120))
+    assert not (tmp_path / "out").exists()
+    res = CliRunner().invoke(build_cli(), ["demo", "--plan", str(tmp_path), "--layers", "2"])
+    assert res.exit_code == 2 and "--layers applies to the proportional policy" in res.output
+
+
+@pytest.mark.slow
+def test_demo_with_fewer_layers_per_submodel(small_bbc, tmp_path, monkeypatch):
+    monkeypatch.setenv("COFORMER_CACHE", str(tmp_path / "cache"))
+    config = BoosterConfig(epochs=1, batch_size=16, lr=1e-3, aggregator_epochs=5)
+    result = run_demo(dataset=small_bbc, config=config, layers=2, out=tmp_path / "plan",
+                      load_options={"max_length": 32}, latency_repeats=2, console=Console(width=120))
+    plan = load_plan(result.plan_dir)
+    policy = Policy.from_dict(plan.meta["policy"])
+    assert [s.layers for s in policy.specs] == [2, 2, 2]
+    assert "2 layers each" in policy.meta["source"]
+    assert all(len(a.config["heads"]) == len(a.config["mlp"]) == 2 for a in plan.artifacts)
+
+
 @pytest.mark.slow
 @pytest.mark.ci
 def test_coformer_plan_output_drives_the_demo(small_bbc, tmp_path, monkeypatch):
