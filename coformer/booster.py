@@ -19,12 +19,14 @@ loss ℓ_i = ½[CE_y + CE_ŷ] (unweighted, eval mode) updates the weights (seed 
 both renormalised to sum 1. The student is the sub-model followed by its own
 :class:`~coformer.heads.StudentHead` (Linear d_n → d, then a copy of the teacher's head).
 
-With ``BoosterConfig.feature_weight`` β > 0 each sample's training loss also gets a feature
-distillation term: β · mean_j (P_n f_n(x) − f_T(x))_j² / mean(f_T²), where P_n is the student
+With ``BoosterConfig.feature_weight`` β > 0 the batch loss also gets a feature distillation
+term, β · mean_b mean_j (P_n f_n(x_b) − f_T(x_b))_j² / mean(f_T²), where P_n is the student
 head's projection and f_T the frozen teacher's features (computed once; the normaliser makes β
 independent of the features' scale). Hard labels alone carry ~log2(classes) bits per sample;
-matching the teacher's d-dimensional features recovers sliced vision models from far fewer
-samples. The boosting weights are still updated from the classification loss ℓ_i alone.
+the teacher's d-dimensional features carry far more. The term is *not* sample-weighted: the
+boosting weights steer which samples the classification loss attends to, while every sub-model
+should still reproduce the teacher's features everywhere; the weights are updated from the
+classification loss ℓ_i alone.
 
 Runs are deterministic given ``BoosterConfig.seed``: sub-model n's shuffling and any
 dropout draw from an RNG seeded by (seed, n) alone, so a run resumed from a checkpoint
@@ -484,10 +486,10 @@ def calibrate(backbone: Backbone, teacher: nn.Module, submodels: Sequence[SubMod
                             else:
                                 projected, logits = student(_to(batch, dev), with_projection=True)
                         per = _pair_loss(logits, train.labels[idx].to(dev), teacher_labels[idx].to(dev))
+                        loss = (w_scaled[idx].to(dev) * per).mean()
                         if target_feats is not None:
                             gap = (projected.float() - target_feats[idx].to(dev)).pow(2).mean(dim=-1)
-                            per = per + config.feature_weight * gap / feat_scale
-                        loss = (w_scaled[idx].to(dev) * per).mean()
+                            loss = loss + config.feature_weight * gap.mean() / feat_scale
                         opt.zero_grad(set_to_none=True)
                         accelerator.backward(loss)
                         opt.step()
