@@ -39,6 +39,8 @@ def main() -> None:
     ap.add_argument("--backbone", default="bert")
     ap.add_argument("--teacher", default=None, help="fine-tuned teacher directory (default: embedded, fresh head)")
     ap.add_argument("--num-labels", type=int, default=5)
+    ap.add_argument("--layers", type=int, default=None,
+                    help="layers each sub-model keeps (as `coformer demo --layers`; default: all)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -53,7 +55,7 @@ def main() -> None:
     head = backbone.task_head(teacher)
     for name, devs in DEVICE_SETS.items():
         devices = resolve_devices(devs)
-        specs = proportional_specs(shape, [d.gflops for d in devices])
+        specs = proportional_specs(shape, [d.gflops for d in devices], layers=args.layers)
         validate(specs, shape, devices)
         subs = backbone.decompose(teacher, specs, importance=importance)
         agg = coformer.create_aggregator("mlp_fusion", feature_dims=[m.feature_dim for m in subs],
