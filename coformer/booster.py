@@ -58,6 +58,7 @@ from coformer.heads import ClassifierHead, StudentHead
 from coformer.plugins import get_plugin_manager
 
 WEIGHT_RULES = ("seed", "boost")
+LR_SCHEDULES = ("constant", "cosine")
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 CHECKPOINT_FORMAT = 1
 
@@ -107,6 +108,7 @@ class BoosterConfig:
     94.83% vs 93.03%); ``"seed"`` gave 96.63% with every device but fell to 93.71% — below its
     best sub-model's 94.61% — when the Orin Nano was lost. Graceful degradation is CoFormer's
     promise, so boosting wins (``examples/ablation.py``; tables in BENCHMARKS.md).
+    ``lr_schedule`` is "constant" or "cosine" (annealed to 0 over each sub-model's epochs).
     ``feature_weight`` (β, default 0: off) adds the feature distillation term described in the
     module docstring. ``device_dropout`` is the probability that each sub-model's features are dropped in an
     aggregator training batch; ``mixed_precision`` is "auto" (bf16 on a CUDA GPU that has it,
@@ -124,8 +126,11 @@ class BoosterConfig:
     checkpoint_dir: str | Path | None = None
     mixed_precision: str = "auto"
     feature_weight: float = 0.0
+    lr_schedule: str = "constant"
 
     def __post_init__(self) -> None:
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule {self.lr_schedule!r} is unknown; choose one of {', '.join(LR_SCHEDULES)}")
         if self.weight_rule not in WEIGHT_RULES:
             raise ValueError(f"weight_rule {self.weight_rule!r} is unknown; choose one of {', '.join(WEIGHT_RULES)}")
         if self.mixed_precision not in MIXED_PRECISION:
@@ -330,7 +335,7 @@ def _fingerprint(config: BoosterConfig, train: TensorDataset, submodels: Sequenc
     h.update(teacher_labels.cpu().long().numpy().tobytes())
     return {"format": CHECKPOINT_FORMAT, "seed": config.seed, "epochs": config.epochs, "lr": config.lr,
             "batch_size": config.batch_size, "weight_rule": config.weight_rule,
-            "feature_weight": config.feature_weight, "samples": len(train),
+            "feature_weight": config.feature_weight, "lr_schedule": config.lr_schedule, "samples": len(train),
             "data_sha256": h.hexdigest(),
             "submodels": [getattr(m, "config", None) or type(m).__name__ for m in submodels]}
 
@@ -473,6 +478,8 @@ def calibrate(backbone: Backbone, teacher: nn.Module, submodels: Sequence[SubMod
                                                       accelerator).mean()))
                 opt = torch.optim.AdamW(student.parameters(), lr=config.lr)
                 student, opt = accelerator.prepare(student, opt)
+                sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, config.epochs * steps_per_epoch))
+                         if config.lr_schedule == "cosine" else None)
                 task = prog.add_task(f"calibrate sub-model {n}", total=config.epochs * steps_per_epoch, loss="-")
                 student.train()
                 epochs: list[float] = []
@@ -493,6 +500,8 @@ def calibrate(backbone: Backbone, teacher: nn.Module, submodels: Sequence[SubMod
                         opt.zero_grad(set_to_none=True)
                         accelerator.backward(loss)
                         opt.step()
+                        if sched is not None:
+                            sched.step()
                         value = float(loss.detach())
                         total += value * len(idx)
                         count += len(idx)

@@ -275,3 +275,28 @@ def test_feature_distillation_pulls_projected_features_to_the_teacher(setup):
 def test_feature_weight_must_be_finite_and_non_negative(beta):
     with pytest.raises(ValueError, match="feature_weight"):
         BoosterConfig(feature_weight=beta)
+
+
+def test_cosine_schedule_anneals_each_submodel_to_zero(setup, recorder):
+    backbone, teacher, train, fresh = setup
+    lrs = []
+    real = torch.optim.lr_scheduler.CosineAnnealingLR.step
+
+    def spy(self, *a, **kw):
+        real(self, *a, **kw)
+        lrs.append(self.optimizer.param_groups[0]["lr"])
+
+    torch.optim.lr_scheduler.CosineAnnealingLR.step = spy
+    try:
+        cfg = config(lr_schedule="cosine", epochs=2)
+        calibrate(backbone, teacher, fresh()[:2], train, config=cfg, on_progress=False)
+    finally:
+        torch.optim.lr_scheduler.CosineAnnealingLR.step = real
+    steps = cfg.epochs * math.ceil(M / cfg.batch_size)
+    # a fresh schedule per sub-model: the scheduler's own initial step, then one per optimiser step
+    assert len(lrs) == 2 * (steps + 1)
+    for part in (lrs[: steps + 1], lrs[steps + 1:]):
+        assert part[0] == pytest.approx(cfg.lr) and part[-1] == pytest.approx(0.0, abs=1e-12)
+        assert all(a >= b for a, b in zip(part, part[1:]))
+    with pytest.raises(ValueError, match="lr_schedule"):
+        BoosterConfig(lr_schedule="linear")
