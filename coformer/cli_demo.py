@@ -28,12 +28,14 @@ from coformer.cli import cli, console
               help="Also write the figures as JSON (keys: teacher, submodels, coformer).")
 @click.option("--max-length", type=int, default=64, show_default=True,
               help="Tokens kept per text (text backbones).")
+@click.option("--img-size", type=int, default=56, show_default=True,
+              help="Pixels per side of the inputs (image backbones).")
 @click.option("--layers", type=int, default=None,
               help="Layers each sub-model keeps (its most important ones; default: all). Fewer is faster.")
 @click.option("--seed", type=int, default=0, show_default=True)
 def demo_cmd(backbone_name: str, source: str | None, plan_dir: str | None, devices: str, aggregator_name: str,
              weight_rule: str | None, epochs: int | None, out: str, json_path: str | None,
-             max_length: int, layers: int | None, seed: int) -> None:
+             max_length: int, img_size: int, layers: int | None, seed: int) -> None:
     """Fine-tune, decompose into one sub-model per device, calibrate, aggregate, and compare with the teacher."""
     from coformer.booster import BoosterConfig
     from coformer.demo import render, run_demo
@@ -45,7 +47,7 @@ def demo_cmd(backbone_name: str, source: str | None, plan_dir: str | None, devic
     config = BoosterConfig(seed=seed, **overrides)
     result = run_demo(backbone_name=backbone_name, source=source, plan=plan_dir, devices=devices,
                       aggregator_name=aggregator_name, config=config, out=out, seed=seed, console=console,
-                      max_length=max_length, layers=layers)
+                      max_length=max_length, img_size=img_size, layers=layers)
     render(result, console)
     if json_path:
         Path(json_path).write_text(json.dumps(result.to_dict(), indent=2))

@@ -149,3 +149,18 @@ def test_coformer_plan_output_drives_the_demo(small_bbc, tmp_path, monkeypatch):
                       config=BoosterConfig(epochs=1, aggregator_epochs=5), latency_repeats=2,
                       console=Console(width=120))
     assert [s.extra["spec"] for s in result.submodels] == [s.to_dict() for s in policy.specs]
+
+
+@pytest.mark.parametrize("name, says", [("gpt2", "no GPT-2 weights ship with CoFormer"),
+                                        ("flan_t5", "no Flan-T5 weights ship with CoFormer")])
+def test_demo_on_a_backbone_without_embedded_weights_says_to_pass_a_checkpoint(name, says, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "coformer", "demo", "--backbone", name, "--out", str(tmp_path / "o")],
+                         capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "COLUMNS": "300", "COFORMER_CACHE": str(tmp_path / "cache")})
+    text = out.stdout + out.stderr
+    assert out.returncode == 2, text
+    assert says in text and "pass a local directory" in text and "Traceback" not in text

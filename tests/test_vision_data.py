@@ -45,3 +45,14 @@ def test_digits_split() -> None:
     n = len(data.train.labels) + len(data.val.labels) + len(data.test.labels)
     assert n == 1797 and data.train.examples.shape[1:] == (1, 8, 8)
     assert stratified_subset(data.train.labels, 100) == stratified_subset(data.train.labels, 100)
+
+
+@pytest.mark.skipif(not (FASHION_MNIST_DIR / "t10k-labels-idx1-ubyte.gz").is_file(),
+                    reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+def test_image_demo_uses_a_fixed_stratified_subset() -> None:
+    from coformer.demo import DEMO_IMAGE_SPLIT, default_dataset
+
+    data = default_dataset("image")
+    assert (len(data.train.labels), len(data.val.labels), len(data.test.labels)) == DEMO_IMAGE_SPLIT
+    assert set(Counter(data.test.labels).values()) == {DEMO_IMAGE_SPLIT[2] // 10}  # 10 balanced classes
+    assert default_dataset("image").train.labels == data.train.labels  # the same subset every time
