@@ -45,14 +45,14 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from coformer.aggregator import Aggregator, drop_devices
-from coformer.backbone import Backbone, SubModel
+from coformer.backbone import Backbone, Batch, SubModel
 from coformer.data import TensorDataset
 from coformer.heads import ClassifierHead, StudentHead
 from coformer.plugins import get_plugin_manager
@@ -283,39 +283,30 @@ def _per_sample_loss(student: nn.Module, train: TensorDataset, teacher_labels: T
 
 
 @torch.no_grad()
+def _eval_pass(model: nn.Module, data: TensorDataset, batch_size: int, fn: Callable[[Batch], Tensor]) -> Tensor:
+    """``fn`` over ``data`` in order with ``model`` in eval mode (its mode restored after), on the CPU."""
+    was_training = model.training
+    model.eval()
+    dev = _device_of(model)
+    out = [fn(_to(b, dev)).cpu() for _, b in data.batches(batch_size)]
+    model.train(was_training)
+    return torch.cat(out)
+
+
 def teacher_hard_labels(backbone: Backbone, teacher: nn.Module, data: TensorDataset,
                         batch_size: int = 64) -> Tensor:
     """argmax of the teacher's logits over ``data`` (eval mode, in order), ``[M]`` long."""
-    was_training = teacher.training
-    teacher.eval()
-    dev = _device_of(teacher)
-    out = [backbone.forward_teacher(teacher, _to(b, dev)).argmax(-1).cpu() for _, b in data.batches(batch_size)]
-    teacher.train(was_training)
-    return torch.cat(out)
+    return _eval_pass(teacher, data, batch_size, lambda b: backbone.forward_teacher(teacher, b).argmax(-1))
 
 
-@torch.no_grad()
 def teacher_features(backbone: Backbone, teacher: nn.Module, data: TensorDataset, batch_size: int = 64) -> Tensor:
     """The teacher's features over ``data`` (eval mode, in order), float32 ``[M, d]`` on the CPU."""
-    was_training = teacher.training
-    teacher.eval()
-    dev = _device_of(teacher)
-    out = [backbone.features(teacher, _to(b, dev)).float().cpu() for _, b in data.batches(batch_size)]
-    teacher.train(was_training)
-    return torch.cat(out)
+    return _eval_pass(teacher, data, batch_size, lambda b: backbone.features(teacher, b).float())
 
 
-@torch.no_grad()
 def submodel_features(submodels: Sequence[nn.Module], data: TensorDataset, batch_size: int = 64) -> list[Tensor]:
     """Every sub-model's features over ``data`` in order: one float32 ``[M, d_n]`` tensor each (eval mode)."""
-    feats: list[Tensor] = []
-    for m in submodels:
-        was_training = m.training
-        m.eval()
-        dev = _device_of(m)
-        feats.append(torch.cat([m(**_to(b, dev)).float().cpu() for _, b in data.batches(batch_size)]))
-        m.train(was_training)
-    return feats
+    return [_eval_pass(m, data, batch_size, lambda b, m=m: m(**b).float()) for m in submodels]
 
 
 # -- checkpoints ----------------------------------------------------------------------------
@@ -426,24 +417,21 @@ def calibrate(backbone: Backbone, teacher: nn.Module, submodels: Sequence[SubMod
     dev = accelerator.device
     hook = get_plugin_manager().hook
 
-    if teacher_labels is None:
+    target_feats: Tensor | None = None
+    if teacher_labels is None or config.feature_weight > 0:
         teacher_home = _device_of(teacher)
         teacher.to(dev)
         with accelerator.autocast():
-            teacher_labels = teacher_hard_labels(backbone, teacher, train, config.batch_size)
+            if teacher_labels is None:
+                teacher_labels = teacher_hard_labels(backbone, teacher, train, config.batch_size)
+            if config.feature_weight > 0:
+                target_feats = teacher_features(backbone, teacher, train, config.batch_size)
         teacher.to(teacher_home)
     teacher_labels = torch.as_tensor(teacher_labels, dtype=torch.long).cpu()
     if teacher_labels.shape != train.labels.shape:
         raise ValueError(f"teacher_labels has shape {tuple(teacher_labels.shape)}, "
                          f"expected one label per train sample {tuple(train.labels.shape)}")
-    target_feats: Tensor | None = None
-    if config.feature_weight > 0:
-        teacher_home = _device_of(teacher)
-        teacher.to(dev)
-        with accelerator.autocast():
-            target_feats = teacher_features(backbone, teacher, train, config.batch_size)
-        teacher.to(teacher_home)
-        feat_scale = float(target_feats.pow(2).mean().clamp_min(1e-12))
+    feat_scale = float(target_feats.pow(2).mean().clamp_min(1e-12)) if target_feats is not None else 1.0
 
     ckpt = (_Checkpoint(config.checkpoint_dir, _fingerprint(config, train, submodels, teacher_labels))
             if config.checkpoint_dir is not None else None)
@@ -589,5 +577,5 @@ def train_aggregator(aggregator: Aggregator, features: Sequence[Tensor], labels:
     return losses
 
 
-__all__ = ["BoosterConfig", "CalibrationResult", "CheckpointMismatchError", "WEIGHT_RULES", "calibrate",
-           "submodel_features", "teacher_hard_labels", "train_aggregator", "update_weights"]
+__all__ = ["BoosterConfig", "CalibrationResult", "CheckpointMismatchError", "LR_SCHEDULES", "WEIGHT_RULES", "calibrate",
+           "submodel_features", "teacher_features", "teacher_hard_labels", "train_aggregator", "update_weights"]

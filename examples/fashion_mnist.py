@@ -13,7 +13,7 @@
 5. Test accuracy of the teacher, each sub-model (with its student head) and CoFormer.
 
 Run: ``.venv/bin/python examples/fashion_mnist.py`` (about 3 minutes on 2 quiet CPU cores);
-BENCHMARKS.md quotes ``--train 6000 --calib-epochs 14`` (about 25 minutes). ``--out F.json``
+BENCHMARKS.md quotes ``--train 6000 --calib-epochs 14`` (22 minutes). ``--out F.json``
 writes the figures.
 """
 
