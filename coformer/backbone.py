@@ -89,6 +89,9 @@ class Backbone(ABC):
     name: ClassVar[str] = "backbone"
     #: What ``prepare`` accepts: "text" (list of str) or "image" (float tensor [B, C, H, W]).
     modality: ClassVar[str] = "text"
+    #: :class:`~coformer.booster.BoosterConfig` fields this family calibrates best with (measured
+    #: by the plugin's author); ``BoosterConfig.for_backbone`` applies them under the caller's own.
+    calibration_defaults: ClassVar[dict[str, Any]] = {}
 
     @abstractmethod
     def load(self, source: str | Path | None = None, *, num_labels: int | None = None, **options: Any) -> nn.Module:

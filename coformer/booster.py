@@ -43,7 +43,7 @@ import json
 import math
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -127,6 +127,17 @@ class BoosterConfig:
     mixed_precision: str = "auto"
     feature_weight: float = 0.0
     lr_schedule: str = "constant"
+
+    @classmethod
+    def for_backbone(cls, backbone: Backbone, **overrides: Any) -> BoosterConfig:
+        """The defaults, then ``backbone.calibration_defaults``, then ``overrides`` (the caller's choices)."""
+        known = {f.name for f in fields(cls)}
+        settings = {**backbone.calibration_defaults, **overrides}
+        unknown = sorted(set(settings) - known)
+        if unknown:
+            raise TypeError(f"unknown BoosterConfig field(s) {', '.join(unknown)} (from backbone "
+                            f"{backbone.name!r} or the caller); known: {', '.join(sorted(known))}")
+        return cls(**settings)
 
     def __post_init__(self) -> None:
         if self.lr_schedule not in LR_SCHEDULES:

@@ -20,7 +20,8 @@ from coformer.cli import cli, console
               help="Built-in device names or a .toml/.json file of device profiles.")
 @click.option("--aggregator", "aggregator_name", default="mlp_fusion", show_default=True)
 @click.option("--weight-rule", type=click.Choice(["boost", "seed"]), default=None,
-              help="Sample-weight update between sub-models (default: the booster's default).")
+              help="Sample-weight update between sub-models (default: the backbone's calibration default, "
+                   "else the booster's).")
 @click.option("--epochs", type=int, default=None, help="Calibration epochs per sub-model.")
 @click.option("--out", type=click.Path(file_okay=False), default="coformer-demo", show_default=True,
               help="Where to write the plan directory.")
@@ -37,16 +38,14 @@ def demo_cmd(backbone_name: str, source: str | None, plan_dir: str | None, devic
              weight_rule: str | None, epochs: int | None, out: str, json_path: str | None,
              max_length: int, img_size: int, layers: int | None, seed: int) -> None:
     """Fine-tune, decompose into one sub-model per device, calibrate, aggregate, and compare with the teacher."""
-    from coformer.booster import BoosterConfig
     from coformer.demo import render, run_demo
 
     if plan_dir is not None and layers is not None:
         raise click.UsageError("--layers applies to the proportional policy; a --plan already fixes each "
                                "sub-model's layers — pass one or the other")
     overrides = {k: v for k, v in {"weight_rule": weight_rule, "epochs": epochs}.items() if v is not None}
-    config = BoosterConfig(seed=seed, **overrides)
     result = run_demo(backbone_name=backbone_name, source=source, plan=plan_dir, devices=devices,
-                      aggregator_name=aggregator_name, config=config, out=out, seed=seed, console=console,
+                      aggregator_name=aggregator_name, booster_overrides=overrides, out=out, seed=seed, console=console,
                       max_length=max_length, img_size=img_size, layers=layers)
     render(result, console)
     if json_path:

@@ -116,6 +116,7 @@ def run_demo(
     devices: Sequence[str] | str = DEFAULT_DEVICES,
     aggregator_name: str = "mlp_fusion",
     config: BoosterConfig | None = None,
+    booster_overrides: dict[str, Any] | None = None,
     out: str | Path = "coformer-demo",
     seed: int = 0,
     dataset: RawDataset | None = None,
@@ -131,6 +132,8 @@ def run_demo(
     ``max_length`` (text) and ``img_size`` (images) bound the input size, which sets the run time.
     ``layers`` makes each sub-model of the proportional policy keep only that many of the
     teacher's layers (its most important ones): fewer layers, faster sub-models.
+    Calibration uses ``config`` when given, otherwise the backbone's ``calibration_defaults``
+    with ``booster_overrides`` on top (:meth:`BoosterConfig.for_backbone`).
     """
     if plan is not None and layers is not None:
         raise ValueError("layers applies to the proportional policy; a plan directory already fixes each "
@@ -145,7 +148,7 @@ def run_demo(
         load_options.setdefault("max_length", max_length)
     if backbone.modality == "image" and img_size:
         load_options.setdefault("img_size", img_size)
-    config = config or BoosterConfig(seed=seed)
+    config = config or BoosterConfig.for_backbone(backbone, **{"seed": seed, **(booster_overrides or {})})
 
     with _progress(console) as prog:
         tasks: dict[str, Any] = {}
@@ -180,7 +183,8 @@ def run_demo(
     hard = teacher.train_logits.argmax(-1)
     result = calibrate(backbone, teacher.model, parts.submodels, teacher.train, config=config, teacher_labels=hard)
     submodels, students = result.submodels, result.student_heads
-    stage(f"calibrated ({config.epochs} epoch(s) per sub-model, {config.weight_rule} weight rule)")
+    distil = f", feature distillation β={config.feature_weight:g}" if config.feature_weight else ""
+    stage(f"calibrated ({config.epochs} epoch(s) per sub-model, {config.weight_rule} weight rule{distil})")
 
     feats = {split: submodel_features(submodels, getattr(teacher, split)) for split in ("train", "test")}
     task_head = backbone.task_head(teacher.model)

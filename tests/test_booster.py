@@ -300,3 +300,20 @@ def test_cosine_schedule_anneals_each_submodel_to_zero(setup, recorder):
         assert all(a >= b for a, b in zip(part, part[1:]))
     with pytest.raises(ValueError, match="lr_schedule"):
         BoosterConfig(lr_schedule="linear")
+
+
+def test_config_for_backbone_layers_defaults_family_then_caller():
+    vit = coformer.create_backbone("vit")
+    bert = coformer.create_backbone("bert")
+    assert BoosterConfig.for_backbone(bert, seed=3) == BoosterConfig(seed=3)
+    cfg = BoosterConfig.for_backbone(vit, seed=3)
+    assert (cfg.weight_rule, cfg.feature_weight, cfg.lr_schedule, cfg.seed) == ("seed", 1.0, "cosine", 3)
+    assert BoosterConfig.for_backbone(vit, weight_rule="boost").weight_rule == "boost"  # the caller wins
+
+
+def test_config_for_backbone_names_an_unknown_field():
+    class Odd(type(coformer.create_backbone("bert"))):
+        calibration_defaults = {"epoch": 5}
+
+    with pytest.raises(TypeError, match=r"unknown BoosterConfig field\(s\) epoch .*known: .*epochs"):
+        BoosterConfig.for_backbone(Odd())

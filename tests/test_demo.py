@@ -164,3 +164,19 @@ def test_demo_on_a_backbone_without_embedded_weights_says_to_pass_a_checkpoint(n
     text = out.stdout + out.stderr
     assert out.returncode == 2, text
     assert says in text and "pass a local directory" in text and "Traceback" not in text
+
+
+@pytest.mark.slow
+def test_image_demo_calibrates_with_the_vit_family_defaults(tmp_path, monkeypatch):
+    """ViT's calibration defaults (seed rule, feature distillation) reach the demo; no sub-model collapses."""
+    from coformer.vision_data import load_digits_images
+
+    monkeypatch.setenv("COFORMER_CACHE", str(tmp_path / "cache"))
+    data = load_digits_images()
+    result = run_demo(backbone_name="vit", dataset=data, img_size=28, out=tmp_path / "plan", latency_repeats=2,
+                      booster_overrides={"epochs": 2}, console=Console(width=120))
+    booster = result.meta["booster"]
+    assert (booster["weight_rule"], booster["feature_weight"], booster["lr_schedule"]) == ("seed", "1.0", "cosine")
+    assert booster["epochs"] == "2"  # the caller's override on top of the family's defaults
+    # with the "boost" rule the 2nd and 3rd sub-models fell to chance (8.5% / 10.0% on Fashion-MNIST)
+    assert min(s.accuracy for s in result.submodels) > 50, [s.accuracy for s in result.submodels]
