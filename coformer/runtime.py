@@ -37,6 +37,7 @@ class WorkerState:
         self._lock = threading.Lock()
         self.requests = 0
         self.errors = 0
+        self._thread_set = threading.local()
 
     def has(self, digest: str) -> bool:
         """Whether the sub-model with this weights hash is loaded."""
@@ -74,8 +75,10 @@ class WorkerState:
         model = self._models.get(digest)
         if model is None:
             raise BadRequestError(f"no sub-model with sha256 {digest[:12]}… is loaded; call load first")
-        if self.threads:
+        if self.threads and not getattr(self._thread_set, "done", False):
+            # OpenMP's thread count is per calling thread: set it once in each RPC thread
             torch.set_num_threads(self.threads)
+            self._thread_set.done = True
         self.requests += 1
         start = time.perf_counter()
         try:
@@ -96,7 +99,10 @@ class WorkerState:
 
 @dataclass
 class DeviceTiming:
-    """Per-device breakdown of one request (ms): compute, transfer (+ queueing), total round trip."""
+    """Per-device breakdown of one request (ms): compute, transfer (+ queueing), total round trip.
+
+    ``serialize_ms`` is the part of t2 spent encoding and decoding tensors (both ends).
+    """
 
     device: str
     t1_compute_ms: float
@@ -104,6 +110,7 @@ class DeviceTiming:
     round_trip_ms: float
     ok: bool
     error: str | None = None
+    serialize_ms: float = 0.0
 
 
 @dataclass
@@ -175,7 +182,8 @@ class Coordinator:
                 timings.append(DeviceTiming(name, float("nan"), float("nan"), float("nan"), False, errors[name]))
                 continue
             features.append(res.features.float())
-            timings.append(DeviceTiming(name, res.compute_ms, max(0.0, rtt - res.compute_ms), rtt, True))
+            timings.append(DeviceTiming(name, res.compute_ms, max(0.0, rtt - res.compute_ms), rtt, True,
+                                        serialize_ms=res.serialize_ms))
         answered = [self.names[i] for i, f in enumerate(features) if f is not None]
         t_agg = time.perf_counter()
         with torch.inference_mode():
