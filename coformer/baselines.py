@@ -79,6 +79,7 @@ class Exchange:
     response_numel: int
     compute_ms: float
     round_trip_ms: float
+    serialize_ms: float = 0.0
     _request_bytes: int | None = field(default=None, repr=False)
 
     @property
@@ -122,15 +123,22 @@ class Trace:
         """Compute on the critical path: slowest device per round, summed, plus the coordinator's."""
         return sum(max(e.compute_ms for e in r) for r in self.rounds if r) + self.local_ms
 
+    def _critical(self) -> list[Exchange]:
+        """Per round, the exchange with the longest round trip (the one the round waited for)."""
+        return [max(r, key=lambda e: e.round_trip_ms) for r in self.rounds if r]
+
     @property
     def transfer_ms(self) -> float:
-        """Measured time outside device compute on the critical path (round trip − compute of the slowest)."""
-        total = 0.0
-        for r in self.rounds:
-            if r:
-                slow = max(r, key=lambda e: e.round_trip_ms)
-                total += max(0.0, slow.round_trip_ms - slow.compute_ms)
-        return total
+        """Measured time outside device compute on the critical path (round trip − compute of the slowest).
+
+        This is the runtime's own cost per request: serialisation + RPC (+ the wire off loopback).
+        """
+        return sum(max(0.0, e.round_trip_ms - e.compute_ms) for e in self._critical())
+
+    @property
+    def serialize_ms(self) -> float:
+        """The part of :attr:`transfer_ms` spent encoding and decoding tensors (transport-reported)."""
+        return sum(min(e.serialize_ms, max(0.0, e.round_trip_ms - e.compute_ms)) for e in self._critical())
 
     def wire_ms(self, rate_bps: float | None) -> float:
         """Modelled wire time: per round the largest exchange's bytes over the link rate (each device has its own link)."""
@@ -223,7 +231,7 @@ class TeacherAlone(Method):
         with torch.inference_mode():
             logits = self.head(res.features.float())
         local = (time.perf_counter() - t0) * 1000
-        ex = Exchange(self.names[self.device], batch, _numel(res.features), res.compute_ms, rtt)
+        ex = Exchange(self.names[self.device], batch, _numel(res.features), res.compute_ms, rtt, res.serialize_ms)
         return Trace(logits, (time.perf_counter() - start) * 1000, [[ex]], local)
 
     def module_memory(self, batch: Batch) -> dict[str, int]:
@@ -269,7 +277,7 @@ class PipelineSplit(Method):
             t = time.perf_counter()
             res = self.clients[i].infer(self.arts[i].sha256, inputs, timeout=timeout)
             rounds.append([Exchange(self.names[i], inputs, _numel(res.features), res.compute_ms,
-                                    (time.perf_counter() - t) * 1000)])
+                                    (time.perf_counter() - t) * 1000, res.serialize_ms)])
             hidden = res.features
         t0 = time.perf_counter()
         with torch.inference_mode():
@@ -358,8 +366,8 @@ class TensorParallelSplit(Method):
                         partial += res.features.float()
                     x = self.host.combine(layer, phase, x, partial)
                     local += (time.perf_counter() - t0) * 1000
-                    rounds.append([Exchange(self.names[i], inputs, _numel(res.features), res.compute_ms, rtt)
-                                   for i, (res, rtt) in zip(active, results)])
+                    rounds.append([Exchange(self.names[i], inputs, _numel(res.features), res.compute_ms, rtt,
+                                            res.serialize_ms) for i, (res, rtt) in zip(active, results)])
             t0 = time.perf_counter()
             logits = self.head(self.host.pool(x, batch))
             local += (time.perf_counter() - t0) * 1000
@@ -432,7 +440,8 @@ class CoFormerMethod(Method):
         if answer.missing:
             raise RuntimeError(f"CoFormer request degraded: {answer.errors}")
         b = next(iter(batch.values())).shape[0]
-        exchanges = [Exchange(t.device, batch, b * self.aggregator.feature_dims[n], t.t1_compute_ms, t.round_trip_ms)
+        exchanges = [Exchange(t.device, batch, b * self.aggregator.feature_dims[n], t.t1_compute_ms, t.round_trip_ms,
+                              t.serialize_ms)
                      for n, t in enumerate(answer.timings)]
         return Trace(answer.logits, total, [exchanges], answer.t3_aggregate_ms)
 

@@ -9,6 +9,9 @@ each (1 by default) after ``warmup``:
   the coordinator's own compute), *modelled* wire time (payload bytes per round over the link
   rate; each device has its own link), and the rest — runtime overhead (serialization, RPC,
   scheduling, queueing in the shaper): overhead = end-to-end − compute − modelled wire;
+* the runtime's own cost, *measured* per call: serialisation + RPC = round trip − worker compute
+  of the device each round waited for, serialisation as the transport reports it (both ends),
+  and its share of end-to-end (on loopback this is the issue's "runtime overhead");
 * payload bytes per request (serialized request batches + fp16 responses, every round);
 * module memory per device: weights + measured peak activations of one call (coformer.measure),
   and, on the testbed, each worker process's peak RSS (VmHWM) at the end (all methods loaded);
@@ -159,8 +162,11 @@ def _measure(method: Method, sample: Sample, rate_bps: float | None, cfg: BenchC
         "latency_ms": {"median": _median(total), "p90": percentile(total, 90), "all": total},
         "measured_ms_median": _median(measured),
         "breakdown_ms": {"compute": _median(compute), "wire_modelled": _median(wire),
-                         "overhead": _median(overhead), "transfer_measured": _median([t.transfer_ms for t in traces])},
+                         "overhead": _median(overhead), "transfer_measured": _median([t.transfer_ms for t in traces]),
+                         "serialize": _median([t.serialize_ms for t in traces]),
+                         "rpc": _median([t.transfer_ms - t.serialize_ms for t in traces])},
         "overhead_share": _median([o / m for o, m in zip(overhead, measured) if m > 0]),
+        "runtime_share": _median([t.transfer_ms / t.total_ms for t in traces if t.total_ms > 0]),
         "bytes_per_request": _median([float(t.bytes) for t in traces]),
         "busy_ms_per_device": busy,
         "energy_j_estimate": _median(energy),
@@ -289,6 +295,9 @@ def run_bench(setup: BenchSetup, cfg: BenchConfig, *, accuracy_limit: int | None
             "overhead": "end-to-end - critical-path compute - modelled wire time; on shaped links it can be "
                         "negative: the tbf bucket (burst >= 16 KiB) passes small transfers at line rate, so "
                         "bytes/rate overestimates their wire time",
+            "runtime": "serialisation + RPC, measured per call on the critical path: round trip - worker compute "
+                       "of the device each round waited for; serialisation as reported by the transport (both "
+                       "ends), RPC the rest (on shaped links it includes the wire); share = of end-to-end",
             "pipeline": "hidden states go device -> coordinator -> next device (the star network's path)",
         },
     }
@@ -303,8 +312,9 @@ def run_bench(setup: BenchSetup, cfg: BenchConfig, *, accuracy_limit: int | None
 def markdown_table(doc: dict[str, Any]) -> str:
     """A markdown table of the main figures, one row per method and rate."""
     lines = ["| rate (Mb/s) | link | method | devices | median ms | p90 ms | speed-up | compute ms | wire ms (model) "
-             "| overhead ms | overhead % | KB/request | energy J (est.) | accuracy % | peak module MB/device |",
-             "|" + "---|" * 15]
+             "| overhead ms | overhead % | ser. + RPC ms (%) | KB/request | energy J (est.) | accuracy % "
+             "| peak module MB/device |",
+             "|" + "---|" * 16]
     for r in doc["runs"]:
         acc = doc["accuracy"][r["method"]]["accuracy"]
         mem = max(r["module_memory_bytes"].values()) / 2**20
@@ -313,6 +323,7 @@ def markdown_table(doc: dict[str, Any]) -> str:
             f"| {r['rate_mbps']:g} | {r['link']} | {r['method']} | {len(r['devices'])} | {r['latency_ms']['median']:.1f} "
             f"| {r['latency_ms']['p90']:.1f} | {r['speedup_vs_teacher']:.2f}× | {b['compute']:.1f} "
             f"| {b['wire_modelled']:.1f} | {b['overhead']:.1f} | {100 * r['overhead_share']:.0f} "
+            f"| {b['serialize']:.2f} + {b['rpc']:.2f} ({100 * r['runtime_share']:.1f}%) "
             f"| {r['bytes_per_request'] / 1024:.1f} | {r['energy_j_estimate']:.3f} | {acc:.2f} | {mem:.1f} |")
     lines.append("")
     for k, v in doc["accuracy"].items():

@@ -52,11 +52,18 @@ class SubModelArtifact:
 
 @dataclass
 class InferResult:
-    """One worker's answer: fp16 features and how long it computed."""
+    """One worker's answer: fp16 features, how long it computed, and how long tensors took to (de)serialise.
+
+    ``serialize_ms`` counts both ends of one call (client encode + decode, worker decode +
+    encode); an in-process transport passes tensors by reference and reports 0. The rest of a
+    call's round trip beyond ``compute_ms + serialize_ms`` is the RPC itself (and, off
+    loopback, the wire).
+    """
 
     features: torch.Tensor
     compute_ms: float
     meta: dict[str, Any] = field(default_factory=dict)
+    serialize_ms: float = 0.0
 
 
 def encode_batch(batch: Batch) -> bytes:

@@ -81,6 +81,9 @@ def test_bench_runs_every_method_at_two_rates(tiny: dict[str, Any], tmp_path: Pa
         assert slow["latency_ms"]["median"] == pytest.approx(slow["measured_ms_median"]
                                                              + slow["breakdown_ms"]["wire_modelled"])
         assert slow["energy_j_estimate"] > 0 and slow["module_memory_bytes"]
+        b = slow["breakdown_ms"]
+        assert b["serialize"] == 0.0  # in-process workers: tensors by reference
+        assert b["rpc"] == pytest.approx(b["transfer_measured"]) and 0 < slow["runtime_share"] < 1
     assert by[("teacher", 2.0)]["speedup_vs_teacher"] == 1.0
     assert set(by[("coformer", 2.0)]["module_memory_bytes"]) == set(DEVICE_NAMES)
     saved = json.loads(paths["json"].read_text())
@@ -89,6 +92,19 @@ def test_bench_runs_every_method_at_two_rates(tiny: dict[str, Any], tmp_path: Pa
     assert table.count("| tensor-parallel |") == 2 and "ESTIMATE" in table
     for key in ("breakdown", "accuracy"):
         assert paths[key].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_runtime_cost_is_the_critical_exchange_split_into_serialisation_and_rpc() -> None:
+    from coformer.baselines import Exchange, Trace
+
+    x = {"input_ids": torch.zeros(1, 4, dtype=torch.long)}
+    # round 1: b's round trip is the longest, so the request waited for b (not for a's longer compute)
+    r1 = [Exchange("a", x, 8, compute_ms=5.0, round_trip_ms=6.0, serialize_ms=0.5),
+          Exchange("b", x, 8, compute_ms=4.0, round_trip_ms=7.0, serialize_ms=0.25)]
+    r2 = [Exchange("c", x, 8, compute_ms=1.0, round_trip_ms=2.0, serialize_ms=2.0)]  # clipped to its 1 ms
+    trace = Trace(torch.zeros(1, 2), total_ms=10.0, rounds=[r1, r2], local_ms=0.0)
+    assert trace.transfer_ms == pytest.approx(3.0 + 1.0)
+    assert trace.serialize_ms == pytest.approx(0.25 + 1.0)
 
 
 def test_bench_batches_several_examples_per_request(tiny: dict[str, Any]) -> None:

@@ -24,6 +24,7 @@ import json
 import os
 import platform
 import socket
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -252,13 +253,17 @@ class WorkerServer:
     def _rpc_Infer(self, req: pb.InferRequest) -> pb.InferReply:
         if not self.state.has(req.model_sha256):
             raise _UnknownModel(f"no sub-model with sha256 {req.model_sha256[:12]}… is loaded; call LoadModel first")
+        start = time.perf_counter()
         batch = decode_batch(req.batch)
         if not batch:
             raise BadRequestError("input batch is empty; send the model's named input tensors")
+        decoded = time.perf_counter()
         res = self.state.infer(req.model_sha256, batch)
+        computed = time.perf_counter()
         data, shape, dtype = encode_features(res.features)
+        serialize_ms = ((decoded - start) + (time.perf_counter() - computed)) * 1000
         return pb.InferReply(features=data, shape=shape, dtype=dtype, compute_ms=res.compute_ms,
-                             worker=self.state.name)
+                             worker=self.state.name, serialize_ms=serialize_ms)
 
     def _rpc_Health(self, req: pb.HealthRequest) -> pb.HealthReply:
         h = self.state.health()
@@ -392,13 +397,19 @@ class GrpcClient(WorkerClient):
 
     def infer(self, model_sha256: str, batch: Batch, *, timeout: float = 10.0) -> InferResult:
         """Run the worker's sub-model on ``batch``; fp16 features come back with the compute time."""
-        reply = self._call("Infer", pb.InferRequest(model_sha256=model_sha256, batch=encode_batch(batch)), timeout)
+        start = time.perf_counter()
+        payload = encode_batch(batch)
+        encoded = time.perf_counter()
+        reply = self._call("Infer", pb.InferRequest(model_sha256=model_sha256, batch=payload), timeout)
+        received = time.perf_counter()
         try:
             features = decode_features(reply.features, list(reply.shape), reply.dtype)
         except BadRequestError as exc:
             raise GrpcTransportError(f"{self.uri}: worker sent inconsistent features: {exc}",
                                      grpc.StatusCode.DATA_LOSS) from None
-        return InferResult(features, reply.compute_ms, {"worker": reply.worker})
+        client_ms = ((encoded - start) + (time.perf_counter() - received)) * 1000
+        return InferResult(features, reply.compute_ms, {"worker": reply.worker},
+                           serialize_ms=client_ms + reply.serialize_ms)
 
     def health(self, *, timeout: float = 2.0) -> dict[str, Any]:
         """Liveness, loaded models and counters."""
