@@ -73,9 +73,13 @@ def fit_head(head: ClassifierHead, features: Tensor, labels: Tensor, *, epochs: 
     return head.eval()
 
 
+#: Part of every cache key. 2: format 1 saved timm teachers with their unfitted head.
+TEACHER_CACHE_FORMAT = 2
+
+
 def _dataset_key(data: RawDataset, extra: dict[str, Any]) -> str:
     h = hashlib.sha256(json.dumps({"name": data.name, "classes": data.classes, "n": len(data.train.labels),
-                                   **extra}, sort_keys=True).encode())
+                                   "format": TEACHER_CACHE_FORMAT, **extra}, sort_keys=True).encode())
     return h.hexdigest()[:12]
 
 
@@ -110,6 +114,12 @@ def prepare_teacher(backbone: Backbone, data: RawDataset, *, source: str | None 
     model = backbone.load(path if cached else source, num_labels=None if cached else len(data.classes),
                           **load_options)
     model.eval()
+    if not cached:
+        model_params = {id(p) for p in model.parameters()}
+        if not all(id(p) in model_params for p in backbone.task_head(model).parameters()):
+            raise TypeError(f"backbone {backbone.name!r}: task_head() returned a copy of the teacher's head, so "
+                            f"the fitted head would not be saved with the teacher; the plugin must return the "
+                            f"model's own head module (or a wrapper around its parameters)")
     splits = {name: encode(backbone, model, getattr(data, name)) for name in ("train", "val", "test")}
     feats = {}
     for name, ds in splits.items():

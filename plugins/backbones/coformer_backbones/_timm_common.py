@@ -185,8 +185,21 @@ def linear_head(head: nn.Module, what: str) -> nn.Linear:
     return fc
 
 
+def own_head(fc: nn.Linear) -> ClassifierHead:
+    """A :class:`ClassifierHead` whose output layer *is* ``fc``: fitting it fits the teacher itself.
+
+    ``task_head`` must hand out the teacher's own parameters, not a copy: the demo fits the head
+    and then saves (and later reloads) the teacher, which would otherwise keep its untrained head.
+    """
+    if fc.bias is None:
+        raise ValueError("the teacher's classifier has no bias; coformer's ClassifierHead needs one")
+    head = ClassifierHead(fc.in_features, fc.out_features)
+    head.out = fc
+    return head
+
+
 def head_from_linear(fc: nn.Linear) -> ClassifierHead:
-    """A :class:`ClassifierHead` holding a copy of ``fc``'s weights."""
+    """A :class:`ClassifierHead` holding a copy of ``fc``'s weights (for heads derived from several layers)."""
     head = ClassifierHead(fc.in_features, fc.out_features)
     with torch.no_grad():
         head.out.weight.copy_(fc.weight)

@@ -25,7 +25,7 @@ from coformer.heads import ClassifierHead
 from coformer.hookspecs import Register, hookimpl
 from coformer.spec import ModelShape, UnitSelection
 
-from ._timm_common import head_from_linear, linear_head
+from ._timm_common import head_from_linear, linear_head, own_head
 from .vit import VitBackbone
 
 FEATURE_MODES = ("mean", "concat")
@@ -79,7 +79,7 @@ class DeitBackbone(VitBackbone):
         """The timm head(s) as one :class:`ClassifierHead` over this plugin's features."""
         fc = linear_head(model.head, self.name)
         if not is_distilled(model):
-            return head_from_linear(fc)
+            return own_head(fc)
         fd = linear_head(model.head_dist, self.name)
         if self.feature_mode == "mean":
             merged = nn.Linear(fc.in_features, fc.out_features)

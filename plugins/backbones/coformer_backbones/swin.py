@@ -41,7 +41,7 @@ from ._timm_common import (
     check_standard_block,
     fit_state,
     head_columns,
-    head_from_linear,
+    own_head,
     img_size,
     linear_head,
     model_args,
@@ -121,7 +121,7 @@ class SwinBackbone(TimmVisionBackbone):
 
     def task_head(self, model: nn.Module) -> ClassifierHead:
         """timm's ``head.fc`` as a :class:`ClassifierHead`."""
-        return head_from_linear(linear_head(model.head, self.name))
+        return own_head(linear_head(model.head, self.name))
 
     def submodel_config(self, model: nn.Module, shape: ModelShape, selection: UnitSelection) -> dict[str, Any]:
         """Per-stage kept widths and depths, per-block heads, MLP widths and window shifts."""

@@ -30,7 +30,7 @@ from ._timm_common import (
     check_standard_block,
     fit_state,
     head_columns,
-    head_from_linear,
+    own_head,
     img_size,
     linear_head,
     model_args,
@@ -120,7 +120,7 @@ class VitBackbone(TimmVisionBackbone):
 
     def task_head(self, model: nn.Module) -> ClassifierHead:
         """The timm classifier, copied into a :class:`ClassifierHead`."""
-        return head_from_linear(linear_head(model.head, self.name))
+        return own_head(linear_head(model.head, self.name))
 
     # -- slicing ---------------------------------------------------------------------------
     def submodel_config(self, model: nn.Module, shape: ModelShape, selection: UnitSelection) -> dict[str, Any]:

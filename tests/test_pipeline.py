@@ -1,0 +1,48 @@
+"""prepare_teacher: the head fitted on frozen features is the one saved, so a cached teacher answers the same."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import coformer
+from coformer.data import RawDataset, RawSplit
+from coformer.pipeline import prepare_teacher
+
+
+def _images(n: int, seed: int) -> RawSplit:
+    """Three classes a linear head separates: bright top, bright bottom, bright left half."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 1, 32, 32, generator=g) * 0.2
+    labels = [i % 3 for i in range(n)]
+    for i, y in enumerate(labels):
+        region = (slice(0, 16), slice(None)) if y == 0 else (slice(16, 32), slice(None)) if y == 1 else \
+            (slice(None), slice(0, 16))
+        x[i, 0][region] += 0.8
+    return RawSplit(x, labels)
+
+
+@pytest.fixture(scope="module")
+def images() -> RawDataset:
+    return RawDataset("blocks", ["top", "bottom", "left"], _images(48, 0), _images(12, 1), _images(24, 2))
+
+
+@pytest.mark.parametrize("name", ["vit", "swin"])
+def test_cached_teacher_keeps_the_fitted_head(name: str, images: RawDataset, tmp_path) -> None:
+    backbone = coformer.create_backbone(name)
+    source = backbone.save(backbone.tiny(num_labels=3, seed=0), tmp_path / "ckpt")
+    fresh = prepare_teacher(backbone, images, source=str(source), cache=tmp_path / "cache")
+    again = prepare_teacher(backbone, images, source=str(source), cache=tmp_path / "cache")
+    assert (fresh.cached, again.cached) == (False, True)
+    # the fitted head reached the saved teacher: the reloaded one gives the same logits
+    torch.testing.assert_close(again.test_logits, fresh.test_logits, atol=1e-5, rtol=1e-5)
+    fitted = (fresh.train_logits.argmax(-1) == fresh.train.labels).float().mean()
+    assert fitted > 0.5  # three classes: the head learned something worth saving
+
+
+def test_a_task_head_that_is_a_copy_is_refused_before_any_work(images: RawDataset, tmp_path) -> None:
+    backbone = coformer.create_backbone("deit")  # a distilled DeiT merges its two heads into a copy
+    source = backbone.save(backbone.tiny(num_labels=3, seed=0), tmp_path / "ckpt")
+    with pytest.raises(TypeError, match="task_head\\(\\) returned a copy .* must return the model's own head"):
+        prepare_teacher(backbone, images, source=str(source), cache=tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()
