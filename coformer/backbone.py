@@ -111,7 +111,11 @@ class Backbone(ABC):
 
     @abstractmethod
     def task_head(self, model: nn.Module) -> nn.Module:
-        """The teacher's own task head: features ``[B, d]`` → logits."""
+        """The teacher's own task head: features ``[B, d]`` → logits.
+
+        Hand out the model's own parameters, not a copy: the demo fits this head and then saves
+        the teacher (``prepare_teacher`` refuses a copy). Callers that train a head copy it first.
+        """
 
     @abstractmethod
     def importance(self, model: nn.Module, batch: Batch) -> UnitImportance:
