@@ -90,6 +90,11 @@ class Exchange:
         return self._request_bytes
 
     @property
+    def transfer_ms(self) -> float:
+        """Round trip beyond the device's compute: serialisation + RPC (+ the wire off loopback)."""
+        return max(0.0, self.round_trip_ms - self.compute_ms)
+
+    @property
     def response_bytes(self) -> int:
         """fp16 response tensor bytes."""
         return self.response_numel * FP16_BYTES
@@ -133,12 +138,12 @@ class Trace:
 
         This is the runtime's own cost per request: serialisation + RPC (+ the wire off loopback).
         """
-        return sum(max(0.0, e.round_trip_ms - e.compute_ms) for e in self._critical())
+        return sum(e.transfer_ms for e in self._critical())
 
     @property
     def serialize_ms(self) -> float:
         """The part of :attr:`transfer_ms` spent encoding and decoding tensors (transport-reported)."""
-        return sum(min(e.serialize_ms, max(0.0, e.round_trip_ms - e.compute_ms)) for e in self._critical())
+        return sum(min(e.serialize_ms, e.transfer_ms) for e in self._critical())
 
     def wire_ms(self, rate_bps: float | None) -> float:
         """Modelled wire time: per round the largest exchange's bytes over the link rate (each device has its own link)."""

@@ -114,9 +114,10 @@ def prepare_teacher(backbone: Backbone, data: RawDataset, *, source: str | None 
     model = backbone.load(path if cached else source, num_labels=None if cached else len(data.classes),
                           **load_options)
     model.eval()
+    head = backbone.task_head(model)
     if not cached:
         model_params = {id(p) for p in model.parameters()}
-        if not all(id(p) in model_params for p in backbone.task_head(model).parameters()):
+        if not all(id(p) in model_params for p in head.parameters()):
             raise TypeError(f"backbone {backbone.name!r}: task_head() returned a copy of the teacher's head, so "
                             f"the fitted head would not be saved with the teacher; the plugin must return the "
                             f"model's own head module (or a wrapper around its parameters)")
@@ -131,7 +132,6 @@ def prepare_teacher(backbone: Backbone, data: RawDataset, *, source: str | None 
                 progress(f"teacher features ({_name})", done[0], _total)
 
         feats[name] = compute_features(lambda b: backbone.features(model, b), ds, progress=tick)
-    head = backbone.task_head(model)
     if not cached:
         fit_head(head, feats["train"], splits["train"].labels, seed=seed)
         path.mkdir(parents=True, exist_ok=True)
