@@ -10,8 +10,8 @@
 3. The booster calibrates them by progressive boosting distillation (seed weight rule, cosine
    learning rate, feature distillation β = 1: sliced vision sub-models need the teacher's
    features, not only its hard labels, to recover from few images).
-4. Aggregators are fitted on their features (``mlp_fusion``) or need none (``averaging``); the
-   one with the best validation accuracy is reported as CoFormer.
+4. Every registered aggregator is fitted on their features (or needs none: ``averaging``,
+   ``voting``); the one with the best validation accuracy is reported as CoFormer.
 5. Test accuracy of the teacher, each sub-model (with its student head) and CoFormer.
 
 Run: ``.venv/bin/python examples/fashion_mnist.py`` (about 3 minutes on 2 quiet CPU cores);
@@ -35,9 +35,6 @@ from coformer.decompose import proportional_specs
 from coformer.vision_data import load_fashion_mnist, stratified_subset
 
 DEVICES = {"jetson-nano": 235.8, "jetson-tx2": 665.6, "orin-nano": 640.0}
-#: trained on the train split's features (mlp_fusion) or training-free (averaging: mean of the
-#: student heads' logits); the one with the best validation accuracy is reported as CoFormer
-AGGREGATORS = ("mlp_fusion", "averaging")
 
 
 def to_tensors(backbone: Any, model: torch.nn.Module, split: RawSplit) -> TensorDataset:
@@ -145,7 +142,8 @@ def main() -> None:
     val_feats, test_feats = submodel_features(result.submodels, val), submodel_features(result.submodels, test)
     aggregators: dict[str, dict[str, float]] = {}
     chosen, best_val = "", -1.0
-    for name in AGGREGATORS:
+    # every registered aggregator, trained on the calibration features or training-free
+    for name in sorted(p.name for p in coformer.list_plugins("aggregator")):
         agg = coformer.create_aggregator(name, feature_dims=[s.feature_dim for s in subs], embed_dim=shape.embed_dim,
                                          task_head=task_head, student_heads=result.student_heads)
         train_aggregator(agg, train_feats, calib_data.labels, config=config, teacher_labels=result.teacher_labels,
