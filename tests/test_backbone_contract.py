@@ -2,8 +2,8 @@
 
 A new built-in or third-party backbone gets these tests for free: exactness (full selection =
 teacher; removed heads / MLP neurons / layers = masked teacher), disjoint decomposition within
-C1–C4, real data-driven importance, safetensors round trip of sub-models, and measured costs
-below the teacher's.
+C1–C4, real data-driven importance, calibration defaults the booster accepts, safetensors round
+trip of sub-models, and measured costs below the teacher's.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from torch import Tensor, nn
 import coformer
 from coformer.artifacts import submodel_artifact
 from coformer.backbone import Backbone, Batch, UnitImportance
+from coformer.booster import BoosterConfig
 from coformer.decompose import assign_units, proportional_specs
 from coformer.measure import measure_cost
 from coformer.spec import ModelShape, UnitSelection, check_structure
@@ -96,6 +97,11 @@ def _decompose(case: Case, n: int) -> tuple[list, list[UnitSelection]]:
 def test_registered_name_and_modality(case: Case) -> None:
     assert case.backbone.name == case.name
     assert case.backbone.modality in {"text", "image"}
+
+
+def test_calibration_defaults_are_booster_settings(case: Case) -> None:
+    config = BoosterConfig.for_backbone(case.backbone)  # raises on a field BoosterConfig lacks
+    assert all(getattr(config, k) == v for k, v in case.backbone.calibration_defaults.items())
 
 
 def test_tiny_is_deterministic(case: Case) -> None:
