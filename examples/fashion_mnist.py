@@ -10,8 +10,8 @@
 3. The booster calibrates them by progressive boosting distillation (seed weight rule, cosine
    learning rate, feature distillation β = 1: sliced vision sub-models need the teacher's
    features, not only its hard labels, to recover from few images).
-4. Every registered aggregator is fitted on their features (or needs none: ``averaging``,
-   ``voting``); the one with the best validation accuracy is reported as CoFormer.
+4. Every registered aggregator is fitted on the sub-models' features (or needs none:
+   ``averaging``, ``voting``); the one with the best validation accuracy is reported as CoFormer.
 5. Test accuracy of the teacher, each sub-model (with its student head) and CoFormer.
 
 Run: ``.venv/bin/python examples/fashion_mnist.py`` (about 3 minutes on 2 quiet CPU cores);

