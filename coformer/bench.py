@@ -17,7 +17,9 @@ each (1 by default) after ``warmup``:
   and, on the testbed, each worker process's peak RSS (VmHWM) at the end (all methods loaded);
 * accuracy: the teacher on the test split; CoFormer from the plan's figures (or recomputed);
   pipeline and tensor-parallel are exact, so their accuracy is the teacher's — *verified* by
-  their agreement with the teacher's predictions on the requests actually sent;
+  their agreement with the teacher's predictions on the requests actually sent (a backbone
+  without pipeline stages or tensor-parallel shards is benched without that baseline, and the
+  document's ``skipped_methods`` says why);
 * an ENERGY ESTIMATE: Σ over devices of busy (compute) time × the device profile's power.
 
 Links are either **shaped** (the emulated testbed's ``tc tbf`` qdiscs, reshaped per rate) or
@@ -214,20 +216,32 @@ class BenchSetup:
     process_memory: Callable[[], dict[str, int]] | None = None
 
 
-def build_methods(setup: BenchSetup) -> dict[str, Method]:
-    """The four methods over the same clients."""
-    return {
+def build_methods(setup: BenchSetup) -> tuple[dict[str, Method], dict[str, str]]:
+    """The methods over the same clients, and the baselines skipped because the backbone cannot run them.
+
+    Teacher and CoFormer run for every backbone; the pipeline and tensor-parallel baselines need the
+    backbone's ``pipeline_stage`` / ``tensor_shard`` hooks, and a backbone without them is benched
+    without that baseline (its reason is recorded) instead of not at all.
+    """
+    methods: dict[str, Method] = {
         "teacher": TeacherAlone(setup.backbone, setup.teacher, setup.clients, setup.devices),
         "coformer": CoFormerMethod(setup.plan.artifacts, setup.plan.aggregator, setup.clients, setup.devices),
-        "pipeline": PipelineSplit(setup.backbone, setup.teacher, setup.clients, setup.devices),
-        "tensor-parallel": TensorParallelSplit(setup.backbone, setup.teacher, setup.clients, setup.devices),
     }
+    skipped: dict[str, str] = {}
+    for name, baseline in (("pipeline", PipelineSplit), ("tensor-parallel", TensorParallelSplit)):
+        try:
+            methods[name] = baseline(setup.backbone, setup.teacher, setup.clients, setup.devices)
+        except NotImplementedError as exc:
+            skipped[name] = str(exc)
+    return methods, skipped
 
 
 def run_bench(setup: BenchSetup, cfg: BenchConfig, *, accuracy_limit: int | None = None,
               log: Callable[[str], None] = print) -> dict[str, Any]:
     """Measure every method at every rate; returns the JSON-ready document."""
-    methods = build_methods(setup)
+    methods, skipped = build_methods(setup)
+    for name, reason in skipped.items():
+        log(f"skipping {name}: {reason}")
     sample = make_sample(setup.test, max(cfg.requests, cfg.warmup, 1), cfg.batch_size)
     test = setup.test if accuracy_limit is None else setup.test.subset(range(min(accuracy_limit, len(setup.test))))
     log(f"accuracy: teacher on {len(test)} test examples")
@@ -273,6 +287,8 @@ def run_bench(setup: BenchSetup, cfg: BenchConfig, *, accuracy_limit: int | None
         "coformer": {"accuracy": co_acc, "source": co_source},
     }
     for name in ("pipeline", "tensor-parallel"):
+        if name in skipped:
+            continue
         agree = [r["agreement_with_teacher"] for r in runs if r["method"] == name]
         verified = all(a == 100.0 for a in agree)
         accuracy[name] = {"accuracy": teacher_acc if verified else float("nan"),
@@ -285,6 +301,7 @@ def run_bench(setup: BenchSetup, cfg: BenchConfig, *, accuracy_limit: int | None
                    "max_seconds_per_method": cfg.max_seconds_per_method},
         "accuracy": accuracy,
         "runs": runs,
+        "skipped_methods": skipped,
         "notes": {
             "latency": f"end-to-end per request of {cfg.batch_size} example(s) after warm-up; median and p90",
             "link": "shaped = tc tbf on the testbed; modelled = loopback run + payload bytes / rate per round",
@@ -328,6 +345,8 @@ def markdown_table(doc: dict[str, Any]) -> str:
     lines.append("")
     for k, v in doc["accuracy"].items():
         lines.append(f"- accuracy of {k}: {v['accuracy']:.2f}% ({v['source']})")
+    for k, v in doc.get("skipped_methods", {}).items():
+        lines.append(f"- {k}: not run ({v})")
     for k, v in doc["notes"].items():
         lines.append(f"- {k}: {v}")
     if "device_count" in doc:

@@ -20,12 +20,10 @@ from coformer.spec import BUILTIN_DEVICES
 DEVICE_NAMES = ("jetson-nano", "jetson-tx2", "orin-nano")
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """A tiny BERT teacher saved to disk, a 3-device plan from it, and a small labelled test split."""
-    backbone = coformer.create_backbone("bert")
+def _tiny_setup(name: str, root: Path) -> dict[str, Any]:
+    """A tiny teacher of backbone ``name`` saved to disk, a 3-device plan from it, and a small labelled test split."""
+    backbone = coformer.create_backbone(name)
     teacher = backbone.tiny(num_labels=3, seed=4)
-    root = tmp_path_factory.mktemp("bench")
     backbone.save(teacher, root / "teacher")
     devices = [BUILTIN_DEVICES[n] for n in DEVICE_NAMES]
     shape = backbone.shape(teacher)
@@ -37,13 +35,19 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
                                      embed_dim=shape.embed_dim, task_head=head, student_heads=None)
     policy = {"specs": [s.to_dict() for s in specs], "devices": [d.to_dict() for d in devices], "meta": {}}
     save_plan(root / "plan", submodels=subs, aggregator=agg, task_head=head, student_heads=None,
-              meta={"backbone": "bert", "source": str(root / "teacher"), "policy": policy, "figures": {}})
+              meta={"backbone": name, "source": str(root / "teacher"), "policy": policy, "figures": {}})
     batch = backbone.example_batch(teacher, 10, seed=6)
     with torch.no_grad():
         labels = backbone.forward_teacher(teacher, batch).argmax(-1)
     labels[::3] = (labels[::3] + 1) % 3  # a teacher that is right on only about 2/3 of them
     return {"backbone": backbone, "teacher": teacher, "root": root, "devices": devices,
             "test": TensorDataset(batch, labels)}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The tiny BERT setup (BERT has every baseline)."""
+    return _tiny_setup("bert", tmp_path_factory.mktemp("bench"))
 
 
 def test_percentile() -> None:
@@ -61,6 +65,7 @@ def test_bench_runs_every_method_at_two_rates(tiny: dict[str, Any], tmp_path: Pa
     paths = write_outputs(doc, tmp_path)
 
     runs = doc["runs"]
+    assert doc["skipped_methods"] == {}
     assert {(r["method"], r["rate_mbps"]) for r in runs} == {(m, r) for m in ("teacher", "coformer", "pipeline",
                                                                               "tensor-parallel") for r in (2.0, 1000.0)}
     by = {(r["method"], r["rate_mbps"]): r for r in runs}
@@ -92,6 +97,25 @@ def test_bench_runs_every_method_at_two_rates(tiny: dict[str, Any], tmp_path: Pa
     assert table.count("| tensor-parallel |") == 2 and "ESTIMATE" in table
     for key in ("breakdown", "accuracy"):
         assert paths[key].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_skips_the_baselines_a_backbone_cannot_run_and_says_why(tmp_path: Path) -> None:
+    tiny_llama = _tiny_setup("llama", tmp_path)  # llama has no pipeline stages or tensor-parallel shards
+    plan = load_plan(tmp_path / "plan")
+    clients = [coformer.open_transport(f"inproc://bench-llama-{i}") for i in range(3)]
+    setup = BenchSetup(tiny_llama["backbone"], tiny_llama["teacher"], plan, tiny_llama["devices"], clients,
+                       tiny_llama["test"])
+    logged: list[str] = []
+    doc = run_bench(setup, BenchConfig(rates_mbps=[1000.0], requests=3, warmup=1), log=logged.append)
+    paths = write_outputs(doc, tmp_path / "out")
+
+    assert {r["method"] for r in doc["runs"]} == {"teacher", "coformer"}
+    assert doc["skipped_methods"] == {"pipeline": "backbone 'llama' has no pipeline stages",
+                                      "tensor-parallel": "backbone 'llama' has no tensor-parallel shards"}
+    assert set(doc["accuracy"]) == {"teacher", "coformer"}
+    assert "skipping pipeline: backbone 'llama' has no pipeline stages" in logged
+    assert "- tensor-parallel: not run (backbone 'llama' has no tensor-parallel shards)" in paths["table"].read_text()
+    assert paths["accuracy"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_runtime_cost_is_the_critical_exchange_split_into_serialisation_and_rpc() -> None:
