@@ -252,6 +252,28 @@ def test_tls_with_token(tls_files: tuple[Path, Path], bert: dict[str, Any]) -> N
 # --------------------------------------------------------------------------- bad requests
 
 
+def test_message_limit_is_raised_on_both_sides_through_the_uri(bert: dict[str, Any]) -> None:
+    art, sub = bert["arts"][0], bert["subs"][0]
+    big = {k: v.repeat(5000 // len(v) + 1, *([1] * (v.dim() - 1)))[:5000] for k, v in bert["batch"].items()}
+    assert sum(t.numel() * t.element_size() for t in big.values()) > 1024 * 1024  # over 1 MB, under 8
+    small_srv, srv = serve("127.0.0.1:0", max_message_bytes=1024 * 1024), serve("127.0.0.1:0", max_message_bytes=8 << 20)
+    try:
+        small = GrpcClient(small_srv.uri + "?max_message_mb=1")
+        small.load(art)
+        with pytest.raises(GrpcBadRequestError, match=r"RESOURCE_EXHAUSTED.*--max-message-mb N.*\?max_message_mb=N"):
+            small.infer(art.sha256, big)
+        assert small.health()["ok"]
+        client = GrpcClient(srv.uri + "?max_message_mb=8")
+        client.load(art)
+        res = client.infer(art.sha256, big)
+        torch.testing.assert_close(res.features.float(), _local(sub, big).half().float(), atol=2e-3, rtol=2e-3)
+    finally:
+        small_srv.stop(0)
+        srv.stop(0)
+    with pytest.raises(ValueError, match="max_message_mb must be a positive whole number"):
+        GrpcClient("grpc://127.0.0.1:1?max_message_mb=lots")
+
+
 def test_bad_requests_get_typed_errors_and_worker_stays_up(bert: dict[str, Any]) -> None:
     srv = serve("127.0.0.1:0", max_message_bytes=256 * 1024)
     try:

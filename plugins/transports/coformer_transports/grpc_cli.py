@@ -25,7 +25,8 @@ def add_worker_command(cli: click.Group) -> None:
     @click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False), default=None, help="PEM certificate.")
     @click.option("--tls-key", type=click.Path(exists=True, dir_okay=False), default=None, help="PEM private key.")
     @click.option("--max-message-mb", type=int, default=256, show_default=True,
-                  help="Largest request/response accepted, in MiB (sub-model weights are tens of MB).")
+                  help="Largest request/response accepted, in MiB (sub-model weights are tens of MB); "
+                       "clients raise theirs with ?max_message_mb=N in the worker URI.")
     @click.option("--rpc-threads", type=int, default=8, show_default=True, help="Concurrent requests served.")
     @click.pass_context
     def worker_cmd(ctx: click.Context, listen: str, threads: int | None, name: str | None, token: str | None,

@@ -310,10 +310,12 @@ def _flag(value: str | None) -> bool:
 
 
 class GrpcClient(WorkerClient):
-    """A client for ``grpc://host:port[?tls=1&ca=PATH&server_name=NAME]``.
+    """A client for ``grpc://host:port[?tls=1&ca=PATH&server_name=NAME&max_message_mb=N]``.
 
     ``token`` defaults to ``COFORMER_TOKEN``; TLS is on with ``tls=1`` or when a CA is given
     (``ca=`` in the URI or ``COFORMER_TLS_CA``); with TLS and no CA the system roots are used.
+    ``max_message_mb`` in the URI overrides ``max_message_bytes`` (the client's send/receive limit,
+    to match a worker started with ``--max-message-mb``, e.g. to load a teacher over 256 MB).
     """
 
     def __init__(self, uri: str, *, token: str | None = None, ca: str | Path | None = None,
@@ -325,6 +327,11 @@ class GrpcClient(WorkerClient):
         query = {k: v[-1] for k, v in parse_qs(parsed.query).items()}
         self.target = parsed.netloc
         self.token = token if token is not None else os.environ.get("COFORMER_TOKEN")
+        if "max_message_mb" in query:
+            mb = query["max_message_mb"]
+            if not mb.isdigit() or int(mb) < 1:
+                raise ValueError(f"{uri}: max_message_mb must be a positive whole number of MB, got {mb!r}")
+            max_message_bytes = int(mb) * 1024 * 1024
         ca_path = ca or query.get("ca") or os.environ.get("COFORMER_TLS_CA")
         self.tls = _flag(query.get("tls")) or _flag(os.environ.get("COFORMER_TLS")) or ca_path is not None
         options = _channel_options(max_message_bytes)
@@ -353,6 +360,9 @@ class GrpcClient(WorkerClient):
             if code == grpc.StatusCode.DEADLINE_EXCEEDED:
                 details = f"missed the {timeout:.2f}s deadline"
             message = f"{self.uri} {method}: {code.name}: {details}"
+            if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in details:
+                message += ("; to allow larger messages, start the worker with `coformer worker --max-message-mb N` "
+                            "and add `?max_message_mb=N` to its URI")
             if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED):
                 raise GrpcBadRequestError(message, code) from None
             raise GrpcTransportError(message, code) from None
