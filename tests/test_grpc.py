@@ -255,16 +255,24 @@ def test_tls_with_token(tls_files: tuple[Path, Path], bert: dict[str, Any]) -> N
 def test_message_limit_is_raised_on_both_sides_through_the_uri(bert: dict[str, Any]) -> None:
     art, sub = bert["arts"][0], bert["subs"][0]
     big = {k: v.repeat(5000 // len(v) + 1, *([1] * (v.dim() - 1)))[:5000] for k, v in bert["batch"].items()}
-    assert sum(t.numel() * t.element_size() for t in big.values()) > 1024 * 1024  # over 1 MB, under 8
-    small_srv, srv = serve("127.0.0.1:0", max_message_bytes=1024 * 1024), serve("127.0.0.1:0", max_message_bytes=8 << 20)
+    assert sum(t.numel() * t.element_size() for t in big.values()) > 1024 * 1024  # over 1 MiB, under 8
+    hint = r"--max-message-mb N.*\?max_message_mb=N"
+    small_srv = serve("127.0.0.1:0", max_message_bytes=1024 * 1024)
+    srv = serve("127.0.0.1:0", max_message_bytes=8 * 1024 * 1024)
     try:
-        small = GrpcClient(small_srv.uri + "?max_message_mb=1")
-        small.load(art)
-        with pytest.raises(GrpcBadRequestError, match=r"RESOURCE_EXHAUSTED.*--max-message-mb N.*\?max_message_mb=N"):
-            small.infer(art.sha256, big)
-        assert small.health()["ok"]
+        # the client's own limit comes from the URI: it refuses to send before the (larger) worker limit applies
+        small_client = GrpcClient(srv.uri + "?max_message_mb=1")
+        small_client.load(art)
+        with pytest.raises(GrpcBadRequestError, match=r"Sent message larger than max \(\d+ vs\. 1048576\).*" + hint):
+            small_client.infer(art.sha256, big)
+        # the worker's limit: refused there, with the same advice, and the worker stays up
+        to_small_worker = GrpcClient(small_srv.uri)
+        to_small_worker.load(art)
+        with pytest.raises(GrpcBadRequestError, match=r"RESOURCE_EXHAUSTED.*" + hint):
+            to_small_worker.infer(art.sha256, big)
+        assert to_small_worker.health()["ok"]
+        # both raised: the request goes through and the features are right
         client = GrpcClient(srv.uri + "?max_message_mb=8")
-        client.load(art)
         res = client.infer(art.sha256, big)
         torch.testing.assert_close(res.features.float(), _local(sub, big).half().float(), atol=2e-3, rtol=2e-3)
     finally:
