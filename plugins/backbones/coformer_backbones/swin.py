@@ -41,10 +41,10 @@ from ._timm_common import (
     check_standard_block,
     fit_state,
     head_columns,
-    own_head,
     img_size,
     linear_head,
     model_args,
+    own_head,
     qkv_rows,
     resize_attention,
     resize_mlp,
@@ -120,7 +120,7 @@ class SwinBackbone(TimmVisionBackbone):
         return net.forward_head(tokens, pre_logits=True)
 
     def task_head(self, model: nn.Module) -> ClassifierHead:
-        """timm's ``head.fc`` as a :class:`ClassifierHead`."""
+        """timm's ``head.fc`` itself (not a copy) as a :class:`ClassifierHead`: fitting it fits the teacher."""
         return own_head(linear_head(model.head, self.name))
 
     def submodel_config(self, model: nn.Module, shape: ModelShape, selection: UnitSelection) -> dict[str, Any]:

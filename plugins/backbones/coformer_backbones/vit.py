@@ -30,10 +30,10 @@ from ._timm_common import (
     check_standard_block,
     fit_state,
     head_columns,
-    own_head,
     img_size,
     linear_head,
     model_args,
+    own_head,
     qkv_rows,
     resize_attention,
     resize_mlp,
@@ -119,7 +119,7 @@ class VitBackbone(TimmVisionBackbone):
         return net.forward_head(tokens, pre_logits=True)
 
     def task_head(self, model: nn.Module) -> ClassifierHead:
-        """The timm classifier, copied into a :class:`ClassifierHead`."""
+        """The timm classifier itself (not a copy) as a :class:`ClassifierHead`: fitting it fits the teacher."""
         return own_head(linear_head(model.head, self.name))
 
     # -- slicing ---------------------------------------------------------------------------
