@@ -11,8 +11,13 @@ rule did, so the loss has the scale of an unweighted mean and one learning rate 
 rules: batch loss = ½ · mean_b(M·w_b · [CE_y + CE_ŷ]). After sub-model n, its per-sample
 loss ℓ_i = ½[CE_y + CE_ŷ] (unweighted, eval mode) updates the weights (seed eq. 13):
 
-- ``"seed"``:  w_i ← w_i · exp[(1/M − 1) · ℓ_i]  — as the paper writes it; this *lowers* the
-  weight of samples the previous sub-model found hard;
+- ``"paper"``: w_i ← w_i · exp[(1/M − 1) · w_i·ℓ_i]  — eq. 13 exactly as written: the exponent is
+  L_Bo,i, which by eq. 14 carries the sample weight (L_Bo,i = w_i·ℓ_i). With w_i ≈ 1/M the step
+  is tiny (max/min weight ratio about 1.004 after one step at M = 1,335);
+- ``"seed-unweighted"``: w_i ← w_i · exp[(1/M − 1) · ℓ_i]  — the seed implementation's rule: the
+  paper's sign, but the *unweighted* loss in the exponent, so it moves the weights far more and
+  *lowers* the weight of samples the previous sub-model found hard. ``"seed"`` is a deprecated
+  alias of it;
 - ``"boost"``: w_i ← w_i · exp[(1 − 1/M) · ℓ_i]  — the usual boosting intent: hard samples
   gain weight;
 
@@ -57,7 +62,9 @@ from coformer.data import TensorDataset
 from coformer.heads import ClassifierHead, StudentHead
 from coformer.plugins import get_plugin_manager
 
-WEIGHT_RULES = ("seed", "boost")
+WEIGHT_RULES = ("paper", "seed-unweighted", "boost")
+#: Old rule names still accepted (with a DeprecationWarning) and what they mean now.
+DEPRECATED_WEIGHT_RULES = {"seed": "seed-unweighted"}
 LR_SCHEDULES = ("constant", "cosine")
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 CHECKPOINT_FORMAT = 1
@@ -66,15 +73,30 @@ CHECKPOINT_FORMAT = 1
 # -- sample weights -------------------------------------------------------------------------
 
 
+def resolve_weight_rule(rule: str) -> str:
+    """The current name of weight rule ``rule``: deprecated aliases warn and map to their new name."""
+    if rule in DEPRECATED_WEIGHT_RULES:
+        new = DEPRECATED_WEIGHT_RULES[rule]
+        warnings.warn(f"weight rule {rule!r} is deprecated: it is {new!r} (the unweighted loss in eq. 13's "
+                      f"exponent); use {new!r}, or 'paper' for eq. 13 exactly as written", DeprecationWarning,
+                      stacklevel=3)
+        return new
+    if rule not in WEIGHT_RULES:
+        raise ValueError(f"unknown weight rule {rule!r}; choose one of {', '.join(WEIGHT_RULES)}")
+    return rule
+
+
 def update_weights(weights: Tensor, losses: Tensor, rule: str = "boost") -> Tensor:
     """One boosting step on sample weights (seed eq. 13), renormalised to sum 1.
 
-    ``rule="seed"``: w_i·exp[(1/M − 1)·L_i] (hard samples lose weight, as the paper writes it);
-    ``rule="boost"``: w_i·exp[(1 − 1/M)·L_i] (hard samples gain weight). M = ``len(weights)``.
-    Computed in float64 in log space, so large losses do not overflow.
+    ``losses`` are the unweighted per-sample losses ℓ_i = ½[CE_y + CE_ŷ]; M = ``len(weights)``.
+    ``rule="paper"``: w_i·exp[(1/M − 1)·w_i·ℓ_i] (eq. 13 with eq. 14's weighted L_Bo);
+    ``rule="seed-unweighted"``: w_i·exp[(1/M − 1)·ℓ_i] (hard samples lose weight fast);
+    ``rule="boost"``: w_i·exp[(1 − 1/M)·ℓ_i] (hard samples gain weight). ``"seed"`` is a
+    deprecated alias of ``"seed-unweighted"``. Computed in float64 in log space, so large losses
+    do not overflow.
     """
-    if rule not in WEIGHT_RULES:
-        raise ValueError(f"unknown weight rule {rule!r}; choose one of {', '.join(WEIGHT_RULES)}")
+    rule = resolve_weight_rule(rule)
     w = torch.as_tensor(weights, dtype=torch.float64).flatten()
     loss = torch.as_tensor(losses, dtype=torch.float64).flatten().to(w.device)
     if w.shape != loss.shape:
@@ -87,8 +109,13 @@ def update_weights(weights: Tensor, losses: Tensor, rule: str = "boost") -> Tens
         raise ValueError("per-sample losses must be finite (a NaN/inf loss usually means the learning rate "
                          "is too high or mixed precision overflowed)")
     m = w.numel()
-    factor = (1.0 / m - 1.0) if rule == "seed" else (1.0 - 1.0 / m)
-    logw = torch.log(w) + factor * loss  # log 0 = -inf keeps zero weights at zero
+    if rule == "boost":
+        exponent = (1.0 - 1.0 / m) * loss
+    elif rule == "seed-unweighted":
+        exponent = (1.0 / m - 1.0) * loss
+    else:  # paper: L_Bo,i = w_i·ℓ_i, with the weights as they stand (summing to 1)
+        exponent = (1.0 / m - 1.0) * (w / w.sum()) * loss
+    logw = torch.log(w) + exponent  # log 0 = -inf keeps zero weights at zero
     logw = logw - logw.max()
     out = torch.exp(logw)
     return out / out.sum()
@@ -105,7 +132,7 @@ class BoosterConfig:
     ``"boost"`` (hard samples up-weighted), chosen on measurement: on MiniLM/BBC News with the
     Nano/TX2/Orin Nano split (3 epochs, ``mlp_fusion``), ``"boost"`` gave 95.96% with every
     device and beat the best single sub-model whichever one device was lost (95.06 / 95.96 /
-    94.83% vs 93.03%); ``"seed"`` gave 96.63% with every device but fell to 93.71% — below its
+    94.83% vs 93.03%); ``"seed-unweighted"`` (then named ``"seed"``) gave 96.63% with every device but fell to 93.71% — below its
     best sub-model's 94.61% — when the Orin Nano was lost. Graceful degradation is CoFormer's
     promise, so boosting wins (``examples/ablation.py``; tables in BENCHMARKS.md).
     ``lr_schedule`` is "constant" or "cosine" (annealed to 0 over each sub-model's epochs).
@@ -142,8 +169,9 @@ class BoosterConfig:
     def __post_init__(self) -> None:
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule {self.lr_schedule!r} is unknown; choose one of {', '.join(LR_SCHEDULES)}")
-        if self.weight_rule not in WEIGHT_RULES:
+        if self.weight_rule not in WEIGHT_RULES and self.weight_rule not in DEPRECATED_WEIGHT_RULES:
             raise ValueError(f"weight_rule {self.weight_rule!r} is unknown; choose one of {', '.join(WEIGHT_RULES)}")
+        self.weight_rule = resolve_weight_rule(self.weight_rule)
         if self.mixed_precision not in MIXED_PRECISION:
             raise ValueError(f"mixed_precision {self.mixed_precision!r} is unknown; "
                              f"choose one of {', '.join(MIXED_PRECISION)}")
@@ -588,5 +616,6 @@ def train_aggregator(aggregator: Aggregator, features: Sequence[Tensor], labels:
     return losses
 
 
-__all__ = ["BoosterConfig", "CalibrationResult", "CheckpointMismatchError", "LR_SCHEDULES", "WEIGHT_RULES", "calibrate",
+__all__ = ["BoosterConfig", "CalibrationResult", "CheckpointMismatchError", "DEPRECATED_WEIGHT_RULES", "LR_SCHEDULES",
+           "WEIGHT_RULES", "calibrate", "resolve_weight_rule",
            "submodel_features", "teacher_features", "teacher_hard_labels", "train_aggregator", "update_weights"]

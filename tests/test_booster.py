@@ -30,9 +30,9 @@ LN2 = math.log(2.0)
 LOSSES = torch.tensor([0.0, 4 / 3 * LN2, 8 / 3 * LN2, 0.0])
 
 
-def test_seed_rule_uniform_start():
+def test_seed_unweighted_rule_uniform_start():
     # w·exp(−0.75·L) = 0.25·(1, 1/2, 1/4, 1); sum = 0.25·2.75 → (4, 2, 1, 4)/11
-    out = update_weights(torch.full((4,), 0.25), LOSSES, "seed")
+    out = update_weights(torch.full((4,), 0.25), LOSSES, "seed-unweighted")
     torch.testing.assert_close(out, torch.tensor([4, 2, 1, 4], dtype=torch.float64) / 11)
 
 
@@ -44,12 +44,59 @@ def test_boost_rule_uniform_start():
 
 def test_rules_from_non_uniform_weights():
     w = torch.tensor([0.1, 0.2, 0.3, 0.4])
-    # seed: (0.1·1, 0.2·½, 0.3·¼, 0.4·1) = (0.1, 0.1, 0.075, 0.4), sum 0.675 → (4, 4, 3, 16)/27
-    torch.testing.assert_close(update_weights(w, LOSSES, "seed"),
+    # seed-unweighted: (0.1·1, 0.2·½, 0.3·¼, 0.4·1) = (0.1, 0.1, 0.075, 0.4), sum 0.675 → (4, 4, 3, 16)/27
+    torch.testing.assert_close(update_weights(w, LOSSES, "seed-unweighted"),
                                torch.tensor([4, 4, 3, 16], dtype=torch.float64) / 27)
     # boost: (0.1·1, 0.2·2, 0.3·4, 0.4·1) = (0.1, 0.4, 1.2, 0.4), sum 2.1 → (1, 4, 12, 4)/21
     torch.testing.assert_close(update_weights(w, LOSSES, "boost"),
                                torch.tensor([1, 4, 12, 4], dtype=torch.float64) / 21)
+
+
+def test_paper_rule_puts_the_weighted_loss_in_the_exponent():
+    # eq. 13 with eq. 14's L_Bo,i = w_i·ℓ_i: exponent (1/M − 1)·w_i·ℓ_i; here M = 4, w = 1/4
+    expected = torch.tensor([0.0, 4 / 3 * LN2, 8 / 3 * LN2, 0.0], dtype=torch.float64)
+    expected = torch.exp(-0.75 * 0.25 * expected)
+    out = update_weights(torch.full((4,), 0.25), LOSSES, "paper")
+    torch.testing.assert_close(out, expected / expected.sum())
+    # non-uniform weights: each sample's own weight scales its exponent
+    w = torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64)
+    raw = w * torch.exp(-0.75 * w * LOSSES.double())
+    torch.testing.assert_close(update_weights(w, LOSSES, "paper"), raw / raw.sum())
+
+
+def test_paper_rule_barely_moves_weights_at_bbc_size_and_seed_unweighted_does():
+    """The issue's figures: at M = 1,335 (BBC News train split) one step of eq. 13 as written leaves the
+    max/min weight ratio near 1.004, while the unweighted-exponent rule spreads it by orders of magnitude."""
+    m = 1335
+    g = torch.Generator().manual_seed(0)
+    # per-sample ½[CE_y + CE_ŷ] of a half-trained sub-model: most near 0, a tail up to ~5.6 nats
+    losses = torch.cat([torch.rand(m - 2, generator=g, dtype=torch.float64) * 0.5,
+                        torch.tensor([0.0, 5.6], dtype=torch.float64)])
+    uniform = torch.full((m,), 1.0 / m, dtype=torch.float64)
+    spread = float(losses.max() - losses.min())
+
+    paper = update_weights(uniform, losses, "paper")
+    ratio_paper = float(paper.max() / paper.min())
+    assert ratio_paper == pytest.approx(math.exp((1 - 1 / m) / m * spread), rel=1e-9)
+    assert 1.003 < ratio_paper < 1.005
+
+    unweighted = update_weights(uniform, losses, "seed-unweighted")
+    ratio_unweighted = float(unweighted.max() / unweighted.min())
+    assert ratio_unweighted == pytest.approx(math.exp((1 - 1 / m) * spread), rel=1e-9)
+    assert ratio_unweighted > 100 * ratio_paper
+    # the paper's and seed-unweighted's signs agree: hard samples lose weight under both
+    assert paper.argmin() == unweighted.argmin() == m - 1
+    boost = update_weights(uniform, losses, "boost")
+    assert boost.argmax() == m - 1
+
+
+def test_seed_is_a_deprecated_alias_of_seed_unweighted():
+    with pytest.warns(DeprecationWarning, match="'seed' is deprecated.*'seed-unweighted'"):
+        old = update_weights(torch.full((4,), 0.25), LOSSES, "seed")
+    torch.testing.assert_close(old, update_weights(torch.full((4,), 0.25), LOSSES, "seed-unweighted"))
+    with pytest.warns(DeprecationWarning):
+        cfg = BoosterConfig(weight_rule="seed")
+    assert cfg.weight_rule == "seed-unweighted"
 
 
 def test_boost_rule_does_not_overflow():
@@ -62,9 +109,9 @@ def test_bad_update_inputs():
     with pytest.raises(ValueError, match="unknown weight rule 'adaboost'"):
         update_weights(torch.ones(2) / 2, torch.zeros(2), "adaboost")
     with pytest.raises(ValueError, match="one entry per sample"):
-        update_weights(torch.ones(2) / 2, torch.zeros(3), "seed")
+        update_weights(torch.ones(2) / 2, torch.zeros(3), "seed-unweighted")
     with pytest.raises(ValueError, match="finite"):
-        update_weights(torch.ones(2) / 2, torch.tensor([0.0, float("nan")]), "seed")
+        update_weights(torch.ones(2) / 2, torch.tensor([0.0, float("nan")]), "paper")
     with pytest.raises(ValueError, match="weight_rule 'x' is unknown"):
         BoosterConfig(weight_rule="x")
     with pytest.raises(ValueError, match="device_dropout"):
@@ -159,7 +206,7 @@ def test_calibration_lowers_loss_and_chains_weights(setup, recorder):
 
 def test_seed_rule_lowers_hard_samples(setup):
     backbone, teacher, train, fresh = setup
-    result = calibrate(backbone, teacher, fresh()[:1], train, config=config(weight_rule="seed", epochs=1),
+    result = calibrate(backbone, teacher, fresh()[:1], train, config=config(weight_rule="seed-unweighted", epochs=1),
                        on_progress=False)
     w = result.final_weights
     sub, head = result.submodels[0], result.student_heads[0]
@@ -212,7 +259,7 @@ def test_resume_is_bit_identical(setup, tmp_path):
 
     with pytest.raises(CheckpointMismatchError, match="weight_rule"):
         calibrate(backbone, teacher, fresh(), train, config=config(epochs=2, checkpoint_dir=cfg.checkpoint_dir,
-                                                                   weight_rule="seed"), on_progress=False)
+                                                                   weight_rule="seed-unweighted"), on_progress=False)
 
 
 def test_train_aggregator_on_calibrated_features(setup):
@@ -307,9 +354,9 @@ def test_config_for_backbone_layers_defaults_family_then_caller():
     bert = coformer.create_backbone("bert")
     assert BoosterConfig.for_backbone(bert, seed=3) == BoosterConfig(seed=3)
     cfg = BoosterConfig.for_backbone(vit, seed=3)
-    assert (cfg.weight_rule, cfg.feature_weight, cfg.lr_schedule, cfg.seed) == ("seed", 1.0, "cosine", 3)
+    assert (cfg.weight_rule, cfg.feature_weight, cfg.lr_schedule, cfg.seed) == ("seed-unweighted", 1.0, "cosine", 3)
     assert BoosterConfig.for_backbone(vit, weight_rule="boost").weight_rule == "boost"  # the caller wins
-    assert BoosterConfig.for_backbone(coformer.create_backbone("llama"), epochs=1).weight_rule == "seed"
+    assert BoosterConfig.for_backbone(coformer.create_backbone("llama"), epochs=1).weight_rule == "seed-unweighted"
 
 
 def test_config_for_backbone_names_an_unknown_field():

@@ -176,7 +176,7 @@ def test_image_demo_calibrates_with_the_vit_family_defaults(tmp_path, monkeypatc
     result = run_demo(backbone_name="vit", dataset=data, img_size=28, out=tmp_path / "plan", latency_repeats=2,
                       booster_overrides={"epochs": 2}, console=Console(width=120))
     booster = result.meta["booster"]
-    assert (booster["weight_rule"], booster["feature_weight"], booster["lr_schedule"]) == ("seed", "1.0", "cosine")
+    assert (booster["weight_rule"], booster["feature_weight"], booster["lr_schedule"]) == ("seed-unweighted", "1.0", "cosine")
     assert booster["epochs"] == "2"  # the caller's override on top of the family's defaults
     # before the family defaults and the own-head fix the 2nd and 3rd fell to chance (8.5% / 10.0% on Fashion-MNIST)
     assert min(s.accuracy for s in result.submodels) > 50, [s.accuracy for s in result.submodels]

@@ -77,8 +77,8 @@ class LlamaBackbone(HFBackbone):
     pooling = "last"
     #: Measured with `coformer demo --backbone llama` (SmolLM2-135M, BBC News, 3 epochs): with the
     #: "boost" rule the Orin Nano's sub-model fell to 18% (chance 20%) and CoFormer to 73.7%; with
-    #: "seed" the sub-models reached 52.6 / 65.8 / 48.3% and CoFormer 81.8% (teacher 82.9%).
-    calibration_defaults: ClassVar[dict[str, Any]] = {"weight_rule": "seed"}
+    #: "seed-unweighted" (then named "seed") the sub-models reached 52.6 / 65.8 / 48.3% and CoFormer 81.8% (teacher 82.9%).
+    calibration_defaults: ClassVar[dict[str, Any]] = {"weight_rule": "seed-unweighted"}
 
     def _from_pretrained(self, path: Path) -> nn.Module:
         from transformers import LlamaForCausalLM

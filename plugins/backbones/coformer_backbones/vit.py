@@ -74,7 +74,7 @@ class VitBackbone(TimmVisionBackbone):
     #: Measured on Fashion-MNIST (examples/fashion_mnist.py): with the "boost" rule the 2nd and 3rd
     #: sliced sub-models collapse (hard images of a weak first one take the weight); hard labels
     #: alone carry too little to recover sliced vision blocks, so the teacher's features are matched.
-    calibration_defaults: ClassVar[dict[str, Any]] = {"weight_rule": "seed", "feature_weight": 1.0,
+    calibration_defaults: ClassVar[dict[str, Any]] = {"weight_rule": "seed-unweighted", "feature_weight": 1.0,
                                                       "lr_schedule": "cosine"}
 
     def default_teacher(self, num_labels: int | None) -> nn.Module:
