@@ -23,8 +23,10 @@ teacher's channel positions it kept (zeros in every other channel) and applying 
 task head.
 
 Constraints C1–C6 are checked before anything runs; costs (FLOPs, memory) are measured with
-:func:`coformer.measure.measure_cost` on a real module of each spec's size (first-k slice: cost
-depends on sizes only), cached per spec. An infeasible policy never costs a model evaluation.
+:func:`coformer.measure.measure_cost` on a real module of each spec's size sliced from the teacher
+layers the spec will run on (:func:`coformer.decompose.layer_maps`: a Swin block's cost depends on
+its stage), cached per (spec, layers). For teachers whose layers differ, C3/C4 are checked per
+teacher layer on the same layer maps. An infeasible policy never costs a model evaluation.
 Evaluations are cached by policy.
 """
 
@@ -130,25 +132,45 @@ class Evaluator:
         self.cost_batch = cost_batch if cost_batch is not None else backbone.example_batch(teacher, batch_size=1)
         self._importance = importance
         self.val_batch_size = val_batch_size
-        self._costs: dict[SubModelSpec, SubModelCost] = {}
+        self._costs: dict[tuple[SubModelSpec, tuple[int, ...]], SubModelCost] = {}
         self._cache: dict[tuple, Evaluation] = {}
         #: how many policies had their sub-models run on validation data (infeasible ones never do)
         self.model_evaluations = 0
 
     # -- constraints ------------------------------------------------------------------
-    def cost(self, spec: SubModelSpec) -> SubModelCost:
-        """Measured FLOPs/params/memory of a module of ``spec``'s size on the cost batch (cached)."""
-        from coformer.measure import measure_cost
-        from coformer.profiler import first_k_selection
+    def layer_order(self) -> tuple[int, ...] | None:
+        """Teacher layers from most to least important (what unit assignment follows), or ``None``
+        when the teacher's layers are all alike (then which ones run changes no size or cost)."""
+        if self.shape.uniform_layers:
+            return None
+        return tuple(torch.argsort(self.importance().layers, descending=True, stable=True).tolist())
 
-        if spec not in self._costs:
-            sub = self.backbone.slice(self.teacher, first_k_selection(self.shape, spec))
-            self._costs[spec] = measure_cost(sub, self.cost_batch)
-        return self._costs[spec]
+    def layers_for(self, spec: SubModelSpec) -> tuple[int, ...]:
+        """The teacher layers ``spec``'s positions run on (the first ``l`` for alike layers)."""
+        from coformer.decompose import top_layers
+
+        if self.shape.uniform_layers or spec.layers > self.shape.layers:
+            return tuple(range(min(spec.layers, self.shape.layers)))
+        return top_layers(self.importance().layers, spec.layers)
+
+    def cost(self, spec: SubModelSpec) -> SubModelCost:
+        """Measured FLOPs/params/memory of a module of ``spec``'s size on the cost batch, sliced from the
+        teacher layers the spec runs on (cached)."""
+        from coformer.decompose import sized_selection
+        from coformer.measure import measure_cost
+
+        layers = self.layers_for(spec)
+        if (spec, layers) not in self._costs:
+            sub = self.backbone.slice(self.teacher, sized_selection(self.shape, spec, layers))
+            self._costs[(spec, layers)] = measure_cost(sub, self.cost_batch)
+        return self._costs[(spec, layers)]
 
     def check(self, policy: Policy) -> list[Violation]:
         """Every violated constraint of ``policy``: C1–C4 first, then C5/C6 from measured costs."""
-        violations = check_structure(policy.specs, self.shape, policy.devices)
+        maps = None
+        if not self.shape.uniform_layers and all(s.layers <= self.shape.layers for s in policy.specs):
+            maps = [self.layers_for(s) for s in policy.specs]
+        violations = check_structure(policy.specs, self.shape, policy.devices, layer_maps=maps)
         if violations:
             return violations  # structure is wrong: no module of these sizes can even be built
         return check_resources([self.cost(s) for s in policy.specs], policy.devices)

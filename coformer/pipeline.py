@@ -203,20 +203,33 @@ class Decomposition:
     costs: list[Any]  # coformer.spec.SubModelCost per sub-model
 
 
-def decompose_policy(backbone: Backbone, teacher: Teacher, policy: Any, *, calib_size: int = 32) -> Decomposition:
-    """Check C1–C4, score units on a calibration batch, slice, then check C5/C6 on the real modules."""
-    from coformer.decompose import assign_units
+def calibration_importance(backbone: Backbone, teacher: Teacher, calib_size: int = 32) -> Any:
+    """Unit importance of the teacher on the first ``calib_size`` training examples (what
+    :func:`decompose_policy` assigns units by)."""
+    calib = teacher.train.batch(range(min(calib_size, len(teacher.train))))
+    return backbone.importance(teacher.model, calib)
+
+
+def decompose_policy(backbone: Backbone, teacher: Teacher, policy: Any, *, calib_size: int = 32,
+                     importance: Any = None) -> Decomposition:
+    """Check C1–C4 (per teacher layer the specs will run on), score units on a calibration batch
+    (or take ``importance``), slice, then check C5/C6 on the real modules."""
+    from coformer.decompose import assign_units, layer_maps
     from coformer.measure import measure_cost
     from coformer.spec import validate
 
     shape = backbone.shape(teacher.model)
-    validate(policy.specs, shape, policy.devices)
-    calib = teacher.train.batch(range(min(calib_size, len(teacher.train))))
-    selections = assign_units(shape, policy.specs, backbone.importance(teacher.model, calib))
+    too_deep = any(s.layers > shape.layers for s in policy.specs)
+    if shape.uniform_layers or too_deep:  # no importance pass needed to reject these
+        validate(policy.specs, shape, policy.devices)
+    if importance is None:
+        importance = calibration_importance(backbone, teacher, calib_size)
+    validate(policy.specs, shape, policy.devices, layer_maps=layer_maps(policy.specs, importance.layers))
+    selections = assign_units(shape, policy.specs, importance)
     submodels = [backbone.slice(teacher.model, s) for s in selections]
     one = teacher.test.batch([0])
     costs = [measure_cost(m, one) for m in submodels]
-    validate(policy.specs, shape, policy.devices, costs)
+    validate(policy.specs, shape, policy.devices, costs, layer_maps=[s.layers for s in selections])
     return Decomposition(policy, selections, submodels, costs)
 
 

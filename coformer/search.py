@@ -7,8 +7,12 @@ A policy for N devices is encoded as a small parameter vector: per sub-model ``n
 * ``heads_n``   — share of each layer's heads, in (0, 1],
 * ``mlp_n``     — share of each layer's MLP neurons, in (0, 1],
 
-uniform over layers. Shares are normalised across sub-models when they sum above 1, then
-floored to whole units (head groups for heads), so C2–C4 hold by construction. The uniform
+the same share in every layer, applied to *that teacher layer's* heads and neurons: position
+``k`` of sub-model ``n`` runs on the teacher layer :func:`coformer.decompose.top_layers` maps it to
+(given the evaluator's layer importance), so every stage of a teacher whose layers differ (a
+Swin) can be fully used. Shares are normalised across sub-models when they sum above 1, then
+floored to whole units (head groups for heads, channel groups for channels), so C2–C4 hold by
+construction, per teacher layer. The uniform
 strategy uses one set of these four parameters for every sub-model. C5/C6 (FLOPs, memory)
 depend on the device and are checked by the evaluator; infeasible proposals are recorded and
 never evaluated.
@@ -34,12 +38,21 @@ class PolicyEncoding:
     """Maps parameter dicts to policies for a teacher shape and device list.
 
     ``shared`` makes every sub-model use the same parameters (the uniform strategy); its
-    shares are then 1/N of the whole so that N equal sub-models fit.
+    shares are then 1/N of the whole so that N equal sub-models fit. ``layer_order`` lists the
+    teacher layers from most to least important (a sub-model with ``l`` layers runs on the first
+    ``l`` of them, in depth order); ``None`` means depth order, which is what every order gives
+    for teachers whose layers are all alike.
     """
 
     shape: ModelShape
     devices: tuple[DeviceProfile, ...]
     shared: bool = False
+    layer_order: tuple[int, ...] | None = None
+
+    def layers_of(self, n_layers: int) -> tuple[int, ...]:
+        """The teacher layers a sub-model with ``n_layers`` layers runs on, ascending."""
+        order = self.layer_order if self.layer_order is not None else tuple(range(self.shape.layers))
+        return tuple(sorted(order[:n_layers]))
 
     @property
     def n(self) -> int:
@@ -83,12 +96,15 @@ class PolicyEncoding:
         sh = self.shape
         scale = 1.0 / self.n if self.shared else 1.0
         layers = [min(sh.layers, max(1, int(round(p["layers"])))) for p in per]
-        d = self._split([p["embed"] * scale for p in per], sh.embed_dim)
-        # heads/MLP per layer: the narrowest teacher layer bounds every position, so any
-        # assignment of teacher layers to sub-model positions stays within C3/C4
-        h = self._split([p["heads"] * scale for p in per], min(sh.heads), sh.head_group)
-        m = self._split([p["mlp"] * scale for p in per], min(sh.mlp))
-        return [SubModelSpec.uniform(layers[i], d[i], h[i], m[i]) for i in range(self.n)]
+        d = self._split([p["embed"] * scale for p in per], sh.embed_dim, sh.channel_group)
+        # each teacher layer is split among all N shares, so any subset of sub-models sharing it fits
+        h = [self._split([p["heads"] * scale for p in per], sh.heads[j], sh.head_group) for j in range(sh.layers)]
+        m = [self._split([p["mlp"] * scale for p in per], sh.mlp[j]) for j in range(sh.layers)]
+        specs = []
+        for i in range(self.n):
+            where = self.layers_of(layers[i])
+            specs.append(SubModelSpec(layers[i], d[i], tuple(h[j][i] for j in where), tuple(m[j][i] for j in where)))
+        return specs
 
     def policy(self, params: dict[str, Any]) -> Policy:
         """The policy ``params`` encodes, with the parameters kept in ``meta``."""
@@ -157,7 +173,8 @@ class SearchStrategy(ABC):
 
     def encoding(self, evaluator: Any) -> PolicyEncoding:
         """The encoding this strategy uses for ``evaluator``'s teacher and devices."""
-        return PolicyEncoding(evaluator.shape, tuple(evaluator.devices), self.shared)
+        order = evaluator.layer_order() if hasattr(evaluator, "layer_order") else None
+        return PolicyEncoding(evaluator.shape, tuple(evaluator.devices), self.shared, order)
 
     @abstractmethod
     def search(self, evaluator: Any, trials: int, *,

@@ -21,6 +21,9 @@ class ModelShape:
 
     ``head_group`` is the number of query heads that must stay together (grouped-query
     attention shares one key/value head between them); heads are assigned in whole groups.
+    ``channel_group`` is the number of embedding channels that must stay together: a Swin's
+    last-stage channels map ``C_last / C_s`` to one stage-``s`` channel, so sub-models are dealt
+    whole groups of ``C_last / C_1`` and stay disjoint in every stage (C2 per stage).
     """
 
     layers: int
@@ -29,6 +32,7 @@ class ModelShape:
     mlp: tuple[int, ...]
     head_dim: int
     head_group: int = 1
+    channel_group: int = 1
 
     def __post_init__(self) -> None:
         if len(self.heads) != self.layers or len(self.mlp) != self.layers:
@@ -36,6 +40,14 @@ class ModelShape:
                 f"ModelShape: heads ({len(self.heads)}) and mlp ({len(self.mlp)}) need one entry "
                 f"per layer ({self.layers})"
             )
+        if self.channel_group < 1 or self.embed_dim % self.channel_group:
+            raise ValueError(f"ModelShape: channel_group {self.channel_group} must divide embed_dim {self.embed_dim}")
+
+    @property
+    def uniform_layers(self) -> bool:
+        """Whether every layer has the same heads and MLP width (then which layers a sub-model keeps
+        does not change its sizes or costs)."""
+        return len(set(self.heads)) <= 1 and len(set(self.mlp)) <= 1
 
     def full_spec(self) -> SubModelSpec:
         """The spec that keeps every unit: it must reproduce the teacher exactly."""
@@ -280,9 +292,16 @@ def _who(devices: Sequence[DeviceProfile] | None, n: int) -> str:
 
 
 def check_structure(
-    specs: Sequence[SubModelSpec], shape: ModelShape, devices: Sequence[DeviceProfile] | None = None
+    specs: Sequence[SubModelSpec], shape: ModelShape, devices: Sequence[DeviceProfile] | None = None,
+    layer_maps: Sequence[Sequence[int]] | None = None,
 ) -> list[Violation]:
-    """C1–C4: layers, embedding channels, heads and MLP neurons never exceed the teacher's."""
+    """C1–C4: layers, embedding channels, heads and MLP neurons never exceed the teacher's.
+
+    ``layer_maps[n]`` names the teacher layer each position of spec ``n`` runs on (see
+    :func:`coformer.decompose.layer_maps`); C3/C4 are then checked per *teacher* layer, summed
+    over the sub-models that keep it. Without maps, position ``k`` stands for teacher layer ``k``
+    (exact for teachers whose layers are all alike).
+    """
     out: list[Violation] = []
     for n, s in enumerate(specs):
         if s.layers > shape.layers:
@@ -291,26 +310,37 @@ def check_structure(
         if any(h % shape.head_group for h in s.heads):
             out.append(Violation("C3", f"{_who(devices, n)} has head counts {list(s.heads)} that are not "
                                  f"multiples of the key/value group size {shape.head_group}", _name(devices, n)))
+        if s.embed_dim % shape.channel_group:
+            out.append(Violation("C2", f"{_who(devices, n)} keeps {s.embed_dim} embedding channels, not a multiple "
+                                 f"of the channel group {shape.channel_group} (groups keep sub-models disjoint in "
+                                 f"every stage)", _name(devices, n)))
     total_d = sum(s.embed_dim for s in specs)
     if total_d > shape.embed_dim:
         parts = " + ".join(str(s.embed_dim) for s in specs)
         out.append(Violation("C2", f"embedding channels {parts} = {total_d} > d={shape.embed_dim} "
                              f"by {total_d - shape.embed_dim}", None, total_d - shape.embed_dim))
-    depth = max(s.layers for s in specs)
-    for k in range(depth):
-        present = [(n, s) for n, s in enumerate(specs) if k < s.layers]
-        cap_h = shape.heads[min(k, shape.layers - 1)]
-        cap_m = shape.mlp[min(k, shape.layers - 1)]
-        th = sum(s.heads[k] for _, s in present)
-        tm = sum(s.mlp[k] for _, s in present)
-        if th > cap_h:
-            parts = " + ".join(f"{s.heads[k]} ({_name(devices, n) or n})" for n, s in present)
-            out.append(Violation("C3", f"layer {k + 1}: heads {parts} = {th} > h={cap_h} by {th - cap_h}",
-                                 None, th - cap_h))
-        if tm > cap_m:
-            parts = " + ".join(f"{s.mlp[k]} ({_name(devices, n) or n})" for n, s in present)
-            out.append(Violation("C4", f"layer {k + 1}: MLP neurons {parts} = {tm} > D={cap_m} by {tm - cap_m}",
-                                 None, tm - cap_m))
+    if layer_maps is None:  # positions past L are C1's problem, already reported
+        layer_maps = [range(min(s.layers, shape.layers)) for s in specs]
+        label = "layer"
+    else:
+        label = "teacher layer"
+        for n, (s, m) in enumerate(zip(specs, layer_maps, strict=True)):
+            if len(m) != s.layers:
+                raise ValueError(f"layer map of sub-model {n} has {len(m)} entries for {s.layers} layers")
+    for j in range(shape.layers):
+        present = [(n, s, list(m).index(j)) for n, (s, m) in enumerate(zip(specs, layer_maps)) if j in m]
+        if not present:
+            continue
+        th = sum(s.heads[k] for _, s, k in present)
+        tm = sum(s.mlp[k] for _, s, k in present)
+        if th > shape.heads[j]:
+            parts = " + ".join(f"{s.heads[k]} ({_name(devices, n) or n})" for n, s, k in present)
+            out.append(Violation("C3", f"{label} {j + 1}: heads {parts} = {th} > h={shape.heads[j]} "
+                                 f"by {th - shape.heads[j]}", None, th - shape.heads[j]))
+        if tm > shape.mlp[j]:
+            parts = " + ".join(f"{s.mlp[k]} ({_name(devices, n) or n})" for n, s, k in present)
+            out.append(Violation("C4", f"{label} {j + 1}: MLP neurons {parts} = {tm} > D={shape.mlp[j]} "
+                                 f"by {tm - shape.mlp[j]}", None, tm - shape.mlp[j]))
     return out
 
 
@@ -353,9 +383,11 @@ def validate(
     shape: ModelShape,
     devices: Sequence[DeviceProfile] | None = None,
     costs: Iterable[SubModelCost] | None = None,
+    layer_maps: Sequence[Sequence[int]] | None = None,
 ) -> None:
-    """Raise :class:`ConstraintError` listing every violated constraint, or return quietly."""
-    violations = check_structure(specs, shape, devices)
+    """Raise :class:`ConstraintError` listing every violated constraint, or return quietly
+    (``layer_maps``: see :func:`check_structure`)."""
+    violations = check_structure(specs, shape, devices, layer_maps)
     if costs is not None and devices is not None:
         violations += check_resources(list(costs), devices)
     if violations:

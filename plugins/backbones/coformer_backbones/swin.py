@@ -16,7 +16,12 @@ Units and how they map onto the hierarchy:
   channel, widths shrink in proportion at every stage, and sub-models dealt disjoint last-stage
   channels by importance get (mostly) disjoint earlier channels. Patch merging (4C→2C) is cut
   consistently: its norm and input columns take the kept channels of each of the four merged
-  positions, its rows the next stage's kept channels.
+  positions, its rows the next stage's kept channels. ``shape().channel_group`` is
+  ``r_1 = C_last / C_1``: sub-models are dealt whole groups of last-stage channels, so their
+  channels are disjoint in *every* stage and C2 holds per stage (:func:`stage_overlap` reports
+  it for any selections);
+* **costs** differ by stage (resolution and width), so the evaluator measures each spec on the
+  teacher blocks it will really run on, not the first ``l`` blocks.
 
 Features are the final-norm tokens averaged over the spatial grid (timm's ``avg`` pooling),
 so ``task_head`` is timm's ``head.fc``. No package carries Swin weights: load a timm
@@ -25,6 +30,7 @@ checkpoint directory or ``timm:NAME``.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, ClassVar
 
 import torch
@@ -82,6 +88,20 @@ def stage_channels(channels: tuple[int, ...], widths: list[int]) -> list[list[in
     return out
 
 
+def stage_overlap(channel_sets: list[tuple[int, ...]], widths: list[int]) -> list[int]:
+    """Per stage, how many stage channels more than one of the given last-stage ``channel_sets``
+    keeps (0 everywhere means C2 holds in every stage)."""
+    per_model = [stage_channels(c, widths) for c in channel_sets]
+    out = []
+    for s in range(len(widths)):
+        seen: dict[int, int] = {}
+        for chans in per_model:
+            for c in chans[s]:
+                seen[c] = seen.get(c, 0) + 1
+        out.append(sum(1 for v in seen.values() if v > 1))
+    return out
+
+
 def _layer_norm(like: nn.LayerNorm, dim: int) -> nn.LayerNorm:
     return nn.LayerNorm(dim, eps=like.eps, elementwise_affine=like.elementwise_affine)
 
@@ -103,6 +123,13 @@ class SwinBackbone(TimmVisionBackbone):
         for i, (_, _, blk) in enumerate(self.blocks(model)):
             check_standard_block(blk, f"block {i}")
         stage_channels(tuple(range(stage_widths(model)[-1])), stage_widths(model))
+
+    def shape(self, model: nn.Module) -> ModelShape:
+        """Blocks of every stage with their own heads/MLP widths; channels move in groups of
+        ``C_last / C_1`` (see module docstring)."""
+        base = super().shape(model)
+        widths = stage_widths(model)
+        return dataclasses.replace(base, channel_group=widths[-1] // widths[0])
 
     def set_img_size(self, model: nn.Module, size: int) -> None:
         """timm's own resize (window sizes and masks follow the new grid)."""
