@@ -59,7 +59,7 @@ from torch.nn import functional as F
 from coformer.aggregator import Aggregator, drop_devices
 from coformer.backbone import Backbone, Batch, SubModel
 from coformer.data import TensorDataset
-from coformer.heads import ClassifierHead, StudentHead
+from coformer.heads import ClassifierHead, StudentHead, head_input_dim
 from coformer.plugins import get_plugin_manager
 
 WEIGHT_RULES = ("paper", "seed-unweighted", "boost")
@@ -450,7 +450,7 @@ def calibrate(backbone: Backbone, teacher: nn.Module, submodels: Sequence[SubMod
     if not isinstance(task_head, ClassifierHead):
         raise TypeError(f"backbone {backbone.name!r} returned a {type(task_head).__name__} task head; "
                         f"calibration needs a coformer.heads.ClassifierHead")
-    embed_dim = backbone.shape(teacher).embed_dim
+    embed_dim = head_input_dim(task_head)  # what the student heads project to: the task head's input width
     m = len(train)
     accelerator = _accelerator(config)
     dev = accelerator.device

@@ -25,10 +25,12 @@ from coformer.artifacts import save_plan, submodel_artifact
 from coformer.booster import BoosterConfig, calibrate, submodel_features, train_aggregator
 from coformer.data import RawDataset, load_bbc_news
 from coformer.decompose import proportional_specs
+from coformer.heads import head_input_dim
 from coformer.measure import count_flops, count_params
 from coformer.pipeline import (
     Figures,
     accuracy,
+    calibration_importance,
     decompose_policy,
     median_latency_ms,
     prepare_teacher,
@@ -164,6 +166,7 @@ def run_demo(
     stage(f"teacher {backbone_name} {'loaded from cache' if teacher.cached else 'fine-tuned'} ({teacher.path})")
 
     shape = backbone.shape(teacher.model)
+    importance = calibration_importance(backbone, teacher)
     if plan is not None:
         policy = load_policy(plan)
     else:
@@ -172,11 +175,11 @@ def run_demo(
             raise ConstraintError([Violation(
                 "C1", f"every sub-model would keep {layers} layers but the teacher has {shape.layers}; "
                       f"choose --layers 1..{shape.layers}", None, float(max(layers - shape.layers, 1 - layers)))])
-        specs = proportional_specs(shape, [d.gflops for d in profiles], layers=layers)
+        specs = proportional_specs(shape, [d.gflops for d in profiles], layers=layers, importance=importance)
         source_note = "proportional to device GFLOPS" + (f", {layers} layers each" if layers else "")
         policy = Policy(specs, profiles, {"source": source_note})
     one = teacher.test.batch([0])
-    parts = decompose_policy(backbone, teacher, policy)
+    parts = decompose_policy(backbone, teacher, policy, importance=importance)
     costs = parts.costs
     stage(f"decomposed into {len(parts.submodels)} sub-models ({policy.meta.get('source', 'planned policy')})")
 
@@ -190,7 +193,7 @@ def run_demo(
     task_head = backbone.task_head(teacher.model)
     aggregator: Aggregator = registry.create(
         "aggregator", aggregator_name, feature_dims=[m.feature_dim for m in submodels],
-        embed_dim=shape.embed_dim, task_head=task_head, student_heads=students)
+        embed_dim=head_input_dim(task_head), task_head=task_head, student_heads=students)
     train_aggregator(aggregator, feats["train"], teacher.train.labels, config=config, teacher_labels=hard)
     aggregator.eval()
     stage(f"aggregator {aggregator_name} trained")

@@ -6,9 +6,11 @@ import copy
 import json
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
+import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 
 class ClassifierHead(nn.Module):
@@ -41,6 +43,88 @@ class ClassifierHead(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """Logits for features ``x``."""
         return self.out(self.hidden(self.norm(x)))
+
+
+class MeanOfLinears(nn.Module):
+    """The mean of several ``nn.Linear`` layers, holding *their own* parameters, seen as one Linear.
+
+    ``split_input=False``: every layer reads the whole input, ``y = mean_i(W_i x + b_i)``;
+    ``split_input=True``: layer ``i`` reads the ``i``-th consecutive slice of the input,
+    ``y = mean_i(W_i x_i + b_i)``. Either way it is the Linear with ``weight`` = mean of the
+    ``W_i`` (or ``[W_1 … W_k] / k``) and ``bias`` = mean of the ``b_i``; its state dict holds
+    exactly those two entries, so a :class:`ClassifierHead` rebuilt from config loads it, while
+    training it trains the original layers (a teacher's two classifiers, say).
+    """
+
+    def __init__(self, linears: Sequence[nn.Linear], *, split_input: bool):
+        super().__init__()
+        if not linears:
+            raise ValueError("MeanOfLinears needs at least one Linear")
+        shapes = {(lin.in_features, lin.out_features) for lin in linears}
+        if len(shapes) != 1 or any(lin.bias is None for lin in linears):
+            raise ValueError(f"MeanOfLinears needs Linears of one shape, each with a bias; got {sorted(shapes)}")
+        self.parts = len(linears)
+        self.split_input = split_input
+        part_in, self.out_features = shapes.pop()
+        self.in_features = part_in * self.parts if split_input else part_in
+        for i, lin in enumerate(linears):
+            self.register_parameter(f"weight_{i}", lin.weight)
+            self.register_parameter(f"bias_{i}", lin.bias)
+
+    def _weights(self) -> list[Tensor]:
+        return [getattr(self, f"weight_{i}") for i in range(self.parts)]
+
+    def _biases(self) -> list[Tensor]:
+        return [getattr(self, f"bias_{i}") for i in range(self.parts)]
+
+    @property
+    def weight(self) -> Tensor:
+        """The equivalent Linear's weight ``[out_features, in_features]``."""
+        ws = self._weights()
+        return torch.cat(ws, dim=1) / self.parts if self.split_input else torch.stack(ws).mean(0)
+
+    @property
+    def bias(self) -> Tensor:
+        """The equivalent Linear's bias (the mean of the parts' biases)."""
+        return torch.stack(self._biases()).mean(0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``F.linear(x, weight, bias)``."""
+        return F.linear(x, self.weight, self.bias)
+
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        w, b = self.weight, self.bias
+        destination[prefix + "weight"] = w if keep_vars else w.detach()
+        destination[prefix + "bias"] = b if keep_vars else b.detach()
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, local_metadata: Any, strict: bool,
+                              missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str]) -> None:
+        keys = [prefix + "weight", prefix + "bias"]
+        absent = [k for k in keys if k not in state_dict]
+        if absent:
+            missing_keys.extend(absent)
+            return
+        w, b = state_dict[keys[0]], state_dict[keys[1]]
+        if tuple(w.shape) != (self.out_features, self.in_features) or tuple(b.shape) != (self.out_features,):
+            error_msgs.append(f"{prefix}weight/bias: shapes {tuple(w.shape)}/{tuple(b.shape)} do not fit "
+                              f"a Linear({self.in_features}, {self.out_features})")
+            return
+        # one solution of "these parts average to (w, b)": equal parts (split ones scaled back up)
+        parts = w.chunk(self.parts, dim=1) if self.split_input else [w] * self.parts
+        with torch.no_grad():
+            for mine, theirs in zip(self._weights(), parts):
+                mine.copy_(theirs * self.parts if self.split_input else theirs)
+            for mine in self._biases():
+                mine.copy_(b)
+
+
+def head_input_dim(head: nn.Module) -> int:
+    """The feature width a task head takes (its ``config["in_dim"]``), which is not always the
+    teacher's embedding width (a distilled DeiT's concatenated tokens are 2d wide)."""
+    config = getattr(head, "config", None)
+    if not isinstance(config, dict) or "in_dim" not in config:
+        raise TypeError(f"task head {type(head).__name__} has no config['in_dim']; use a ClassifierHead")
+    return int(config["in_dim"])
 
 
 class StudentHead(nn.Module):

@@ -7,6 +7,7 @@ import torch
 
 import coformer
 from coformer.data import RawDataset, RawSplit
+from coformer.heads import ClassifierHead
 from coformer.pipeline import prepare_teacher
 
 
@@ -41,7 +42,17 @@ def test_cached_teacher_keeps_the_fitted_head(name: str, images: RawDataset, tmp
 
 
 def test_a_task_head_that_is_a_copy_is_refused_before_any_work(images: RawDataset, tmp_path) -> None:
-    backbone = coformer.create_backbone("deit")  # a distilled DeiT merges its two heads into a copy
+    from coformer_backbones.vit import VitBackbone
+
+    class CopyingVit(VitBackbone):
+        """The seed's distilled-DeiT mistake: a task head holding a copy of the teacher's weights."""
+
+        def task_head(self, model: torch.nn.Module) -> ClassifierHead:
+            head = ClassifierHead(model.head.in_features, model.head.out_features)
+            head.load_state_dict({"out.weight": model.head.weight.detach(), "out.bias": model.head.bias.detach()})
+            return head
+
+    backbone = CopyingVit()
     source = backbone.save(backbone.tiny(num_labels=3, seed=0), tmp_path / "ckpt")
     with pytest.raises(TypeError, match="task_head\\(\\) returned a copy .* must return the model's own head"):
         prepare_teacher(backbone, images, source=str(source), cache=tmp_path / "cache")

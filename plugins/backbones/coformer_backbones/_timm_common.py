@@ -198,15 +198,6 @@ def own_head(fc: nn.Linear) -> ClassifierHead:
     return head
 
 
-def head_from_linear(fc: nn.Linear) -> ClassifierHead:
-    """A :class:`ClassifierHead` holding a copy of ``fc``'s weights (for heads derived from several layers)."""
-    head = ClassifierHead(fc.in_features, fc.out_features)
-    with torch.no_grad():
-        head.out.weight.copy_(fc.weight)
-        head.out.bias.copy_(fc.bias if fc.bias is not None else torch.zeros(fc.out_features))
-    return head
-
-
 def head_columns(head_idx: Sequence[int], head_dim: int) -> Tensor:
     """Flat indices of the ``head_dim`` channels of each selected head."""
     return torch.tensor([h * head_dim + i for h in head_idx for i in range(head_dim)], dtype=torch.long)

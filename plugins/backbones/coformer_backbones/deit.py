@@ -3,13 +3,17 @@
 Everything but the features is the ``vit`` backbone's. A distilled DeiT classifies with
 ``(head(cls) + head_dist(dist)) / 2``; two feature layouts are offered (option ``features``):
 
-* ``"mean"`` (default): features ``(cls + dist) / 2`` of width d, the width every CoFormer
-  component (aggregators, student heads, the backbone contract) expects. The task head is the
-  mean of the two heads, so its logits equal timm's exactly when the two heads are equal
-  and are otherwise the mean-token approximation of them.
+* ``"mean"`` (default): features ``(cls + dist) / 2`` of width d. The task head is the mean of
+  the two heads, so its logits equal timm's exactly when the two heads are equal and are
+  otherwise the mean-token approximation of them.
 * ``"concat"``: features ``[cls, dist]`` of width 2d with a head ``[W, W_dist] / 2``: logits
-  equal timm's eval output exactly; callers must take the feature width from the task
-  head (``task_head(model).config["in_dim"]``), not from ``shape(model).embed_dim``.
+  equal timm's eval output exactly. The flow takes the feature width from the task head
+  (:func:`coformer.heads.head_input_dim`), not from ``shape(model).embed_dim``.
+
+In both modes the task head is a :class:`~coformer.heads.MeanOfLinears` over timm's own
+``head`` and ``head_dist``: it holds the teacher's parameters (fitting it fits the teacher, which
+``prepare_teacher`` requires) and its state dict is that of one plain Linear, so a packaged plan
+rebuilds it as an ordinary :class:`~coformer.heads.ClassifierHead`.
 
 No package carries DeiT weights: load a timm checkpoint directory or ``timm:NAME``.
 """
@@ -21,11 +25,11 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import Tensor, nn
 
-from coformer.heads import ClassifierHead
+from coformer.heads import ClassifierHead, MeanOfLinears
 from coformer.hookspecs import Register, hookimpl
 from coformer.spec import ModelShape, UnitSelection
 
-from ._timm_common import head_from_linear, linear_head, own_head
+from ._timm_common import linear_head, own_head
 from .vit import VitBackbone
 
 FEATURE_MODES = ("mean", "concat")
@@ -76,22 +80,15 @@ class DeitBackbone(VitBackbone):
         return self.distilled_pool(config.get("distilled_features", "mean"))
 
     def task_head(self, model: nn.Module) -> ClassifierHead:
-        """The timm head(s) as one :class:`ClassifierHead` over this plugin's features."""
+        """The timm head(s) themselves (not copies) as one :class:`ClassifierHead` over this plugin's features."""
         fc = linear_head(model.head, self.name)
         if not is_distilled(model):
             return own_head(fc)
         fd = linear_head(model.head_dist, self.name)
-        if self.feature_mode == "mean":
-            merged = nn.Linear(fc.in_features, fc.out_features)
-            with torch.no_grad():
-                merged.weight.copy_((fc.weight + fd.weight) / 2)
-                merged.bias.copy_((fc.bias + fd.bias) / 2)
-            return head_from_linear(merged)
-        merged = nn.Linear(2 * fc.in_features, fc.out_features)
-        with torch.no_grad():
-            merged.weight.copy_(torch.cat([fc.weight, fd.weight], dim=1) / 2)
-            merged.bias.copy_((fc.bias + fd.bias) / 2)
-        return head_from_linear(merged)
+        merged = MeanOfLinears([fc, fd], split_input=self.feature_mode == "concat")
+        head = ClassifierHead(merged.in_features, merged.out_features)
+        head.out = merged
+        return head
 
     def submodel_config(self, model: nn.Module, shape: ModelShape, selection: UnitSelection) -> dict[str, Any]:
         """The ViT config plus the feature mode (and a doubled width in concat mode)."""
