@@ -225,14 +225,12 @@ class Evaluator:
     def _loss(self, selection: UnitSelection) -> float:
         """Mean CE of one sliced sub-model: features scattered into its teacher channels, teacher head."""
         assert self.val is not None
+        from coformer.pipeline import scatter_logits
+
         sub = self.backbone.slice(self.teacher, selection).eval()
-        channels = torch.tensor(selection.channels, dtype=torch.long)
         total = 0.0
         for idx, batch in self.val.batches(self.val_batch_size):
-            feats = sub(**batch).float()
-            full = feats.new_zeros(feats.shape[0], self.shape.embed_dim)
-            full[:, channels] = feats
-            logits = self.head(full)
+            logits = scatter_logits(sub(**batch).float(), selection.channels, self.shape.embed_dim, self.head)
             total += float(nn.functional.cross_entropy(logits, self.val.labels[idx], reduction="sum"))
         return total / len(self.val)
 

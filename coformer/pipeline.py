@@ -235,7 +235,17 @@ def decompose_policy(backbone: Backbone, teacher: Teacher, policy: Any, *, calib
 
 def scatter_logits(features: Tensor, channels: Sequence[int], embed_dim: int, head: nn.Module) -> Tensor:
     """Logits of an *uncalibrated* sub-model: its features placed back in the teacher channels it kept
-    (zeros elsewhere), through the teacher's own head."""
-    full = features.new_zeros(features.shape[0], embed_dim)
-    full[:, torch.as_tensor(channels, dtype=torch.long)] = features
+    (zeros elsewhere), through the teacher's own head.
+
+    Features made of several blocks of ``len(channels)`` values (a distilled DeiT's ``[cls, dist]``
+    in concat mode) are placed block by block into blocks of ``embed_dim``.
+    """
+    idx = torch.as_tensor(channels, dtype=torch.long)
+    n = idx.numel()
+    if features.shape[-1] % n:
+        raise ValueError(f"features of width {features.shape[-1]} are not whole blocks of the {n} kept channels")
+    blocks = features.shape[-1] // n
+    full = features.new_zeros(features.shape[0], blocks * embed_dim)
+    for b in range(blocks):
+        full[:, b * embed_dim + idx] = features[:, b * n:(b + 1) * n]
     return head(full)

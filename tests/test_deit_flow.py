@@ -122,3 +122,27 @@ def test_concat_head_reproduces_timm_and_round_trips_as_a_plain_linear():
     head.load_state_dict(snapshot)
     with torch.no_grad():
         torch.testing.assert_close(head(feats), plain(feats))
+
+
+@pytest.mark.parametrize("mode", ["mean", "concat"])
+def test_evaluator_scores_distilled_deit_policies_in_both_modes(mode: str):
+    """L_val scatters a sub-model's features into the head's input, block by block in concat mode
+    (the seed scattered 2·d_n values into d_n channels: a shape error)."""
+    from coformer.data import TensorDataset
+    from coformer.evaluator import Evaluator
+
+    backbone = _backbone("distilled", mode)
+    model = backbone.tiny(num_labels=3, seed=0)
+    batch = backbone.example_batch(model, 6, seed=2)
+    with torch.no_grad():
+        labels = backbone.forward_teacher(model, batch).argmax(-1)
+    devices = [BUILTIN_DEVICES[n] for n in ("jetson-nano", "orin-nano")]
+    val = TensorDataset(batch, labels)
+    ev = Evaluator(backbone, model, devices, val=val)
+    alone = Evaluator(backbone, model, devices[:1], val=val)
+    full = alone.evaluate(Policy([backbone.shape(model).full_spec()], devices[:1]))
+    with torch.no_grad():  # the full spec is the teacher: its loss is the teacher's own CE on its labels
+        teacher_ce = torch.nn.functional.cross_entropy(backbone.forward_teacher(model, batch), labels)
+    assert full.L_val == pytest.approx(float(teacher_ce), rel=1e-4, abs=1e-5)
+    policy = Policy(proportional_specs(backbone.shape(model), [1.0, 2.0]), devices)
+    assert torch.isfinite(torch.tensor(ev.evaluate(policy).L_val))
