@@ -19,8 +19,9 @@ from coformer.cli import cli, console
 @click.option("--devices", default="jetson-nano,jetson-tx2,orin-nano", show_default=True,
               help="Built-in device names or a .toml/.json file of device profiles.")
 @click.option("--aggregator", "aggregator_name", default="mlp_fusion", show_default=True)
-@click.option("--weight-rule", type=click.Choice(["boost", "seed"]), default=None,
-              help="Sample-weight update between sub-models (default: the backbone's calibration default, "
+@click.option("--weight-rule", type=click.Choice(["paper", "seed-unweighted", "boost", "seed"]), default=None,
+              help="Sample-weight update between sub-models: paper (eq. 13 as written), seed-unweighted, boost; "
+                   "'seed' is a deprecated alias of seed-unweighted (default: the backbone's calibration default, "
                    "else the booster's).")
 @click.option("--epochs", type=int, default=None, help="Calibration epochs per sub-model.")
 @click.option("--out", type=click.Path(file_okay=False), default="coformer-demo", show_default=True,
