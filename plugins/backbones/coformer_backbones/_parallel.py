@@ -15,7 +15,8 @@ compact sub-model be run block by block — the :class:`LayeredModel` protocol:
 * ``merge(k, phase, hidden, out)`` — residual (and post-norm, downsampling) given the branch output;
 * ``finish(hidden, batch)`` — final norm and pooling: the features;
 * ``zero_output_biases()`` and ``drop_parts(embed=..., finish=...)`` — what a shard or a later
-  stage does not need.
+  stage does not need;
+* optionally ``layered`` — False when this particular sub-model cannot be run block by block.
 
 Everything is the teacher's own weights, so the baselines are exact up to the fp16 of the wire.
 The mixin :class:`ParallelBaselines` gives a :class:`~coformer.backbone.Backbone` the three
@@ -103,7 +104,7 @@ class TensorShard(SubModel):
         super().__init__()
         self.model = model
         self.config = config
-        self.active: list[list[bool]] = [[bool(a) for a in pair] for pair in config["active"]]
+        self.active = [[bool(a) for a in pair] for pair in config["active"]]
         self.feature_dim = int(config["feature_dim"])
 
     def forward(self, hidden_states: Tensor, layer: Tensor, phase: Tensor, **inputs: Tensor) -> Tensor:
@@ -122,10 +123,10 @@ class LayeredHost(TensorParallelHost):
 
     phases = 2
 
-    def __init__(self, model: LayeredModel):
+    def __init__(self, model: LayeredModel, num_layers: int):
         super().__init__()
         self.model = model
-        self.num_layers = len(model.config["teacher_layers"])
+        self.num_layers = num_layers
         self.shard_inputs = tuple(model.block_inputs)
 
     def embed(self, batch: Batch) -> Tensor:
@@ -172,7 +173,7 @@ class ParallelBaselines:
 
     def _layered(self, model: nn.Module, selection: UnitSelection) -> Any:
         sub = self.slice(model, selection)  # type: ignore[attr-defined]
-        if not isinstance(sub, LayeredModel):
+        if not isinstance(sub, LayeredModel) or not getattr(sub, "layered", True):
             raise NotImplementedError(f"backbone {self.name!r}: its sub-models ({type(sub).__name__}) cannot be run "
                                       f"block by block, so it has no pipeline stages or tensor-parallel shards")
         return sub
@@ -222,7 +223,7 @@ class ParallelBaselines:
     def tensor_host(self, model: nn.Module) -> TensorParallelHost:
         """The whole teacher, run by the coordinator as embed → combine per block and phase → pool."""
         n = self.shape(model).layers  # type: ignore[attr-defined]
-        return LayeredHost(self._layered(model, self._full(model, range(n)))).eval()
+        return LayeredHost(self._layered(model, self._full(model, range(n))), n).eval()
 
 
 __all__ = ["LayeredHost", "LayeredModel", "PARALLEL_KINDS", "ParallelBaselines", "PipelineStage", "TensorShard",

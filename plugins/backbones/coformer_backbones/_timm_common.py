@@ -28,6 +28,8 @@ from torch import Tensor, nn
 from coformer.backbone import Backbone, Batch, SubModel, UnitImportance
 from coformer.heads import ClassifierHead
 from coformer.spec import ModelShape, UnitSelection
+from coformer_backbones._parallel import PARALLEL_KINDS, ParallelBaselines, build_parallel
+from coformer_backbones._timm_parallel import LayeredTimm
 
 #: The batch key every vision backbone uses: normalised images ``[B, C, H, W]``.
 PIXELS = "pixel_values"
@@ -257,7 +259,7 @@ def check_standard_block(block: nn.Module, where: str) -> None:
                          f"standard pre-norm blocks only")
 
 
-class TimmSubModel(SubModel):
+class TimmSubModel(LayeredTimm, SubModel):
     """A sliced timm model; ``forward(pixel_values=...)`` returns the feature vector.
 
     ``pool`` turns the net's final-norm token map into features (the same function the
@@ -276,7 +278,7 @@ class TimmSubModel(SubModel):
         return self._pool(self.net, self.net.forward_features(pixel_values))
 
 
-class TimmVisionBackbone(Backbone):
+class TimmVisionBackbone(ParallelBaselines, Backbone):
     """Shared behaviour of the timm-backed vision backbones; subclasses describe their blocks."""
 
     modality: ClassVar[str] = "image"
@@ -478,6 +480,8 @@ class TimmVisionBackbone(Backbone):
         """An untrained sub-model from its JSON config (weights are loaded afterwards)."""
         if config.get("backbone") != self.name:
             raise ValueError(f"config is for backbone {config.get('backbone')!r}, not {self.name!r}")
+        if config.get("kind") in PARALLEL_KINDS:  # pipeline stages / tensor shards (baselines)
+            return build_parallel(self, config)
         return TimmSubModel(self.build_net(config), dict(config), self.pool_for(config)).eval()
 
     def pool_for(self, config: dict[str, Any]) -> Callable[[nn.Module, Tensor], Tensor]:
