@@ -184,6 +184,10 @@ class ParallelBaselines:
                              tuple(tuple(range(shape.heads[j])) for j in layers),
                              tuple(tuple(range(shape.mlp[j])) for j in layers))
 
+    def layer_starts_stage(self, model: nn.Module, layer: int) -> bool:
+        """Whether teacher layer ``layer`` opens a stage of a staged model (Swin); True for plain stacks."""
+        return True
+
     def pipeline_stage(self, model: nn.Module, layers: Sequence[int], *, first: bool, last: bool) -> SubModel:
         """Teacher layers ``layers`` (consecutive, ascending) at full width as one pipeline stage."""
         n = self.shape(model).layers  # type: ignore[attr-defined]
@@ -191,6 +195,8 @@ class ParallelBaselines:
         if not layers or layers != list(range(layers[0], layers[-1] + 1)) or not 0 <= layers[0] <= layers[-1] < n:
             raise ValueError(f"pipeline stage layers {layers} must be consecutive ascending indices in [0, {n})")
         sub = self._layered(model, self._full(model, layers))
+        if not self.layer_starts_stage(model, layers[0]):
+            sub.config["starts_mid_stage"] = True
         config = {"backbone": self.name, "kind": PIPELINE_STAGE, "first": bool(first), "last": bool(last),
                   "teacher_layers": layers, "feature_dim": sub.feature_dim,
                   "stage_inputs": list(sub.block_inputs), "compact": sub.config}

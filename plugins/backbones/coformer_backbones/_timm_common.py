@@ -308,6 +308,10 @@ class TimmVisionBackbone(ParallelBaselines, Backbone):
             f"no installed package carries {self.name} weights; pass a timm checkpoint directory "
             f"(config.json + model.safetensors), a .safetensors file with arch=..., or 'timm:NAME'")
 
+    def layer_starts_stage(self, model: nn.Module, layer: int) -> bool:
+        """Whether block ``layer`` is the first of its container (a Swin stage; block 0 of a ViT)."""
+        return self.blocks(model)[layer][1] == 0
+
     def feature_channel_modules(self, model: nn.Module) -> list[nn.Module]:
         """Modules whose outputs carry the feature channels (gated for channel importance)."""
         return [model.norm]
