@@ -255,7 +255,7 @@ class CompactLM(LayeredLM, SubModel):
         for layer in self.layers:
             layer.attn.rebuild_buffers()
 
-    def embed_tokens(self, input_ids: Tensor) -> Tensor:
+    def embed_tokens(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """Token (+ learned position) embeddings ``[B, T, embed_dim]``: the hidden state entering block 0."""
         x = self.embed(input_ids)
         if self.pos is not None:
@@ -296,7 +296,7 @@ class CompactLM(LayeredLM, SubModel):
 
     def hidden_states(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """Final-normed hidden states ``[B, T, embed_dim]``."""
-        x = self.embed_tokens(input_ids)
+        x = self.embed_tokens(input_ids, attention_mask)
         mask, rope, buckets = self.attention_context(x, attention_mask)
         for layer in self.layers:
             x = layer(x, mask, rope, buckets)

@@ -1,7 +1,7 @@
 """The transformers language family run block by block: the :class:`~coformer_backbones._parallel.LayeredModel`
 protocol for its two compact sub-models, so pipeline stages and tensor shards come from
 :mod:`coformer_backbones._parallel` for ``gpt2``, ``flan_t5``, ``llama`` (pre-norm ``CompactLM``) and
-``bert`` (post-norm ``CompactBert``) alike.
+``bert`` (post-norm ``CompactBert``) alike, and for post-norm ``CompactLM`` blocks (``post_norm``).
 
 Pre-norm blocks normalise inside the branch, so a shard holds the (replicated) norm and the host
 only adds the residual; post-norm blocks normalise after the residual, so the host does.
@@ -31,7 +31,7 @@ def _zero_bias(linear: nn.Linear) -> None:
 
 
 class LayeredLM:
-    """Block-by-block access to a pre-norm ``CompactLM`` (GPT-2, T5 encoder, Llama)."""
+    """Block-by-block access to a ``CompactLM`` (GPT-2, T5 encoder, Llama; post-norm blocks too, e.g. MPNet)."""
 
     block_inputs: tuple[str, ...] = ("attention_mask",)
     config: dict[str, Any]
@@ -39,10 +39,10 @@ class LayeredLM:
 
     def embed_input(self, batch: Batch) -> Tensor:
         """Token (+ position) embeddings of ``batch["input_ids"]``."""
-        return self.embed_tokens(batch["input_ids"])  # type: ignore[attr-defined]
+        return self.embed_tokens(batch["input_ids"], batch.get("attention_mask"))  # type: ignore[attr-defined]
 
     def context(self, hidden: Tensor, batch: Batch) -> Any:
-        """Additive attention mask, RoPE tables and T5 buckets for ``hidden``'s length."""
+        """Additive attention mask, RoPE tables and relative-position buckets for ``hidden``'s length."""
         return self.attention_context(hidden, batch.get("attention_mask"))  # type: ignore[attr-defined]
 
     def run_block(self, k: int, hidden: Tensor, ctx: Any) -> Tensor:
@@ -50,11 +50,12 @@ class LayeredLM:
         return self.layers[k](hidden, *ctx)
 
     def branch(self, k: int, phase: int, hidden: Tensor, ctx: Any) -> Tensor:
-        """``attn(norm1 x)`` (phase 0) or ``mlp(norm2 x)`` (phase 1)."""
+        """Attention (phase 0) or MLP (phase 1) on ``norm(x)`` in a pre-norm block, on ``x`` in a post-norm one."""
         blk = self.layers[k]
+        post = getattr(blk, "post_norm", False)
         if phase == 0:
-            return blk.attn(blk.norm1(hidden), *ctx)
-        return blk.mlp(blk.norm2(hidden))
+            return blk.attn(hidden if post else blk.norm1(hidden), *ctx)
+        return blk.mlp(hidden if post else blk.norm2(hidden))
 
     def output_bias(self, k: int, phase: int) -> Tensor | float:
         """Bias of the attention (MLP) output projection, if the family has one."""
@@ -62,7 +63,10 @@ class LayeredLM:
         return _bias(blk.attn.o if phase == 0 else blk.mlp.down)
 
     def merge(self, k: int, phase: int, hidden: Tensor, out: Tensor) -> Tensor:
-        """Pre-norm residual: ``x + out``."""
+        """Residual ``x + out``, normalised after it in a post-norm block."""
+        blk = self.layers[k]
+        if getattr(blk, "post_norm", False):
+            return (blk.norm1 if phase == 0 else blk.norm2)(hidden + out)
         return hidden + out
 
     def finish(self, hidden: Tensor, batch: Batch) -> Tensor:
@@ -82,6 +86,8 @@ class LayeredLM:
         if embed:
             self.embed = None
             self.pos = None
+            if hasattr(self, "embed_norm"):
+                self.embed_norm = None
         if finish:
             self.final_norm = None
             self.lm_head = None
