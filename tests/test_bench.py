@@ -99,9 +99,11 @@ def test_bench_runs_every_method_at_two_rates(tiny: dict[str, Any], tmp_path: Pa
         assert paths[key].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.parametrize("name", ["vit", "llama"])
-def test_bench_runs_all_four_methods_for_vit_and_llama(name: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", ["vit", "llama", "mpnet"])
+def test_bench_runs_all_four_methods_for_vit_llama_and_mpnet(name: str, tmp_path: Path) -> None:
     """The baselines written once per family reach `coformer bench`: four rows, exact baselines verified."""
+    if name not in {info.name for info in coformer.list_plugins("backbone")}:
+        pytest.skip(f"backbone {name!r} is not installed")
     tiny_setup = _tiny_setup(name, tmp_path)
     plan = load_plan(tmp_path / "plan")
     clients = [coformer.open_transport(f"inproc://bench4-{name}-{i}") for i in range(3)]
