@@ -97,7 +97,7 @@ def run_device_count(out: str | Path, cfg: DeviceCountConfig, *, dataset: RawDat
         row.update({"plan": str(result.plan_dir), "accuracy_source": "test split, read once (demo flow)",
                     "teacher_accuracy": result.teacher.accuracy,
                     "submodel_accuracy": [s.accuracy for s in result.submodels],
-                    "specs": [s.to_dict() for s in plan_policy_specs(plan)], "build_seconds": round(seconds, 1)})
+                    "specs": result.meta["policy"]["specs"], "build_seconds": round(seconds, 1)})
         log(f"{name}: {devs}: CoFormer {row['accuracy']:.2f}% (teacher {result.teacher.accuracy:.2f}%), "
             f"median {row['latency_ms']['median']:.1f} ms, {row['bytes_per_request'] / 1024:.1f} KB, "
             f"{row['energy_j_estimate']:.3f} J (estimate), built in {seconds:.0f} s")
@@ -111,13 +111,6 @@ def run_device_count(out: str | Path, cfg: DeviceCountConfig, *, dataset: RawDat
                       "link": "modelled: in-process run + payload bytes / rate",
                       "energy": "ESTIMATE: sum over devices of compute time x device profile power (W); idle and "
                                 "network power excluded"}}
-
-
-def plan_policy_specs(plan: Any) -> list[Any]:
-    """The sub-model specs of a saved plan's policy."""
-    from coformer.spec import Policy
-
-    return list(Policy.from_dict(plan.meta["policy"]).specs)
 
 
 def markdown(doc: dict[str, Any]) -> str:

@@ -12,7 +12,8 @@ energy ESTIMATE per row (:mod:`coformer.device_count`).
 
 The plans are ordinary plan directories, so shaped links on the emulated testbed are one command:
 
-    coformer bench --testbed --plan /tmp/table5/3dev --device-plans /tmp/table5/1dev,/tmp/table5/2dev,/tmp/table5/4dev ...
+    coformer bench --testbed --plan /tmp/table5/3dev \
+        --device-plans /tmp/table5/1dev,/tmp/table5/2dev,/tmp/table5/4dev ...
 """
 
 from __future__ import annotations

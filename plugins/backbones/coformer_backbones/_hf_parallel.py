@@ -73,7 +73,8 @@ class LayeredLM:
         """Final norm, then the teacher's pooling."""
         from coformer_backbones._hf_common import pool
 
-        return pool(self.final_norm(hidden), batch.get("attention_mask"), self.config["pooling"])  # type: ignore[attr-defined]
+        final_norm = self.final_norm  # type: ignore[attr-defined]
+        return pool(final_norm(hidden), batch.get("attention_mask"), self.config["pooling"])
 
     def zero_output_biases(self) -> None:
         """Shards return partial sums without the projection biases (the host adds them once)."""

@@ -46,23 +46,32 @@ class LayeredModel(Protocol):
     #: batch keys a block needs besides the hidden state (e.g. the attention mask)
     block_inputs: tuple[str, ...]
 
-    def embed_input(self, batch: Batch) -> Tensor: ...
+    def embed_input(self, batch: Batch) -> Tensor:
+        """The hidden state entering block 0."""
 
-    def context(self, hidden: Tensor, batch: Batch) -> Any: ...
+    def context(self, hidden: Tensor, batch: Batch) -> Any:
+        """Per-call data every block needs (masks, rotary tables, ...)."""
 
-    def run_block(self, k: int, hidden: Tensor, ctx: Any) -> Tensor: ...
+    def run_block(self, k: int, hidden: Tensor, ctx: Any) -> Tensor:
+        """Block ``k`` in full."""
 
-    def branch(self, k: int, phase: int, hidden: Tensor, ctx: Any) -> Tensor: ...
+    def branch(self, k: int, phase: int, hidden: Tensor, ctx: Any) -> Tensor:
+        """Phase 0 (attention) / 1 (MLP) output of block ``k``."""
 
-    def output_bias(self, k: int, phase: int) -> Tensor | float: ...
+    def output_bias(self, k: int, phase: int) -> Tensor | float:
+        """The part of that output that does not depend on the units."""
 
-    def merge(self, k: int, phase: int, hidden: Tensor, out: Tensor) -> Tensor: ...
+    def merge(self, k: int, phase: int, hidden: Tensor, out: Tensor) -> Tensor:
+        """Residual (and post-norm, downsampling) given the branch output."""
 
-    def finish(self, hidden: Tensor, batch: Batch) -> Tensor: ...
+    def finish(self, hidden: Tensor, batch: Batch) -> Tensor:
+        """Final norm and pooling: the features."""
 
-    def zero_output_biases(self) -> None: ...
+    def zero_output_biases(self) -> None:
+        """Drop the output-projection biases (a shard returns partial sums without them)."""
 
-    def drop_parts(self, *, embed: bool, finish: bool) -> None: ...
+    def drop_parts(self, *, embed: bool, finish: bool) -> None:
+        """Free the embedding and/or final parts a stage or shard never runs."""
 
 
 def _batch(inputs: dict[str, Tensor | None]) -> Batch:
