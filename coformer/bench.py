@@ -350,12 +350,13 @@ def markdown_table(doc: dict[str, Any]) -> str:
     for k, v in doc["notes"].items():
         lines.append(f"- {k}: {v}")
     if "device_count" in doc:
-        lines += ["", "| CoFormer devices | devices | rate (Mb/s) | median ms | p90 ms | KB/request | accuracy % |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += ["", "| CoFormer devices | devices | rate (Mb/s) | median ms | p90 ms | KB/request "
+                  "| energy J (est.) | accuracy % |",
+                  "|---|---|---|---|---|---|---|---|"]
         for r in doc["device_count"]:
             lines.append(f"| {len(r['devices'])} | {', '.join(r['devices'])} | {r['rate_mbps']:g} "
                          f"| {r['latency_ms']['median']:.1f} | {r['latency_ms']['p90']:.1f} "
-                         f"| {r['bytes_per_request'] / 1024:.1f} | "
+                         f"| {r['bytes_per_request'] / 1024:.1f} | {r['energy_j_estimate']:.3f} | "
                          + (f"{r['accuracy']:.2f} |" if r.get("calibrated", True) else "n/a (uncalibrated plan) |"))
     return "\n".join(lines) + "\n"
 

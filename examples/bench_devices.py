@@ -1,70 +1,65 @@
-"""Latency-only plans for `coformer bench`: the real teacher sliced in proportion to device speed, uncalibrated.
+"""The device-count table (the paper's Table V) with accuracy: CoFormer on 1, 2, 3 and 4 devices.
 
-`coformer demo` writes the calibrated plan (accuracy figures included); this script writes, in
-seconds, one plan per device set — e.g. 1, 2, 3 devices and the 4th the Raspberry Pi 4B profile
-— for the bench's device-count table and for latency/bytes/memory measurements when no
-calibrated plan is at hand. Their sub-models are sliced by importance but NOT calibrated and the
-aggregator is untrained, so their accuracy means nothing; the bench says "recomputed" and this
-script records ``"calibrated": false`` in each plan.json. The teacher (with a fresh task head
-unless ``--teacher`` names a fine-tuned one) is saved next to the plans for ``--teacher``.
+One CALIBRATED plan per device set (Jetson TX2; TX2 + Orin Nano; Nano + TX2 + Orin Nano; the
+same + Raspberry Pi 4B), each built by the demo flow on MiniLM (``bert``) / BBC News: proportional
+decomposition, boosting calibration, aggregator training; the test split is read once per plan
+for its accuracy, and nothing is tuned (so no validation-based choice is made). Each plan is then
+timed through in-process workers at one modelled link rate: accuracy, latency, bytes and the
+energy ESTIMATE per row (:mod:`coformer.device_count`).
 
-    python examples/bench_devices.py --out /tmp/bench-plans
-    coformer bench --testbed --plan /tmp/bench-plans/3dev --teacher /tmp/bench-plans/teacher \
-        --device-plans /tmp/bench-plans/1dev,/tmp/bench-plans/2dev,/tmp/bench-plans/4dev ...
+    python examples/bench_devices.py --out /tmp/table5            # full: 4 plans, about 2 min each
+    python examples/bench_devices.py --out /tmp/table5 --quick    # small data subset, 1 epoch (a test)
+
+The plans are ordinary plan directories, so shaped links on the emulated testbed are one command:
+
+    coformer bench --testbed --plan /tmp/table5/3dev \
+        --device-plans /tmp/table5/1dev,/tmp/table5/2dev,/tmp/table5/4dev ...
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
-import torch
+from coformer.bench import BenchConfig
+from coformer.device_count import DeviceCountConfig, markdown, run_device_count, shrink
 
-import coformer
-from coformer.artifacts import save_plan
-from coformer.decompose import proportional_specs
-from coformer.spec import Policy, resolve_devices, validate
-
-DEVICE_SETS = {
-    "1dev": "jetson-tx2",
-    "2dev": "jetson-tx2,orin-nano",
-    "3dev": "jetson-nano,jetson-tx2,orin-nano",
-    "4dev": "jetson-nano,jetson-tx2,orin-nano,rpi4b",
-}
+#: --quick: train / val / test examples kept, booster epochs, tokens per text, requests
+QUICK = {"split": (150, 30, 60), "epochs": 1, "max_length": 32, "requests": 3}
 
 
-def main() -> None:
-    """Write the teacher and one uncalibrated plan per device set."""
+def main(argv: list[str] | None = None) -> dict:
+    """Build and time the four plans; write ``device_count.json`` and ``device_count.md`` under ``--out``."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--backbone", default="bert")
-    ap.add_argument("--teacher", default=None, help="fine-tuned teacher directory (default: embedded, fresh head)")
-    ap.add_argument("--num-labels", type=int, default=5)
-    ap.add_argument("--layers", type=int, default=None,
-                    help="layers each sub-model keeps (as `coformer demo --layers`; default: all)")
+    ap.add_argument("--layers", type=int, default=2,
+                    help="layers each sub-model keeps (as `coformer demo --layers`; 0 = all)")
+    ap.add_argument("--rate-mbps", type=float, default=1000.0, help="modelled link rate for the timing")
+    ap.add_argument("--requests", type=int, default=20)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quick", action="store_true", help="a small data subset and one booster epoch (for tests)")
     ap.add_argument("--out", required=True)
-    args = ap.parse_args()
-    torch.manual_seed(0)
+    args = ap.parse_args(argv)
+    cfg = DeviceCountConfig(backbone=args.backbone, layers=args.layers or None, seed=args.seed,
+                            rate_mbps=args.rate_mbps, bench=BenchConfig(requests=args.requests, warmup=3))
+    dataset = None
+    if args.quick:
+        from coformer import registry
+        from coformer.demo import default_dataset
+
+        dataset = shrink(default_dataset(registry.create("backbone", args.backbone).modality), *QUICK["split"])
+        cfg.booster_overrides = {"epochs": QUICK["epochs"]}
+        cfg.max_length = QUICK["max_length"]
+        cfg.bench = BenchConfig(requests=QUICK["requests"], warmup=1)
+        cfg.latency_repeats = 2
+    doc = run_device_count(args.out, cfg, dataset=dataset)
     out = Path(args.out)
-    backbone = coformer.create_backbone(args.backbone)
-    teacher = backbone.load(args.teacher, num_labels=None if args.teacher else args.num_labels)
-    backbone.save(teacher, out / "teacher")
-    shape = backbone.shape(teacher)
-    texts = ["calibration text about markets, sport, politics, films and technology"] * 8
-    batch = backbone.prepare(teacher, texts) if backbone.modality == "text" else backbone.example_batch(teacher, 8)
-    importance = backbone.importance(teacher, batch)
-    head = backbone.task_head(teacher)
-    for name, devs in DEVICE_SETS.items():
-        devices = resolve_devices(devs)
-        specs = proportional_specs(shape, [d.gflops for d in devices], layers=args.layers)
-        validate(specs, shape, devices)
-        subs = backbone.decompose(teacher, specs, importance=importance)
-        agg = coformer.create_aggregator("mlp_fusion", feature_dims=[m.feature_dim for m in subs],
-                                         embed_dim=shape.embed_dim, task_head=head, student_heads=None)
-        save_plan(out / name, submodels=subs, aggregator=agg, task_head=head, student_heads=None,
-                  meta={"backbone": backbone.name, "source": str(out / "teacher"), "calibrated": False,
-                        "policy": Policy(specs, devices, {"source": "proportional, uncalibrated"}).to_dict(),
-                        "figures": {}})
-        print(f"{out / name}: {', '.join(d.name for d in devices)}: {[s.to_dict() for s in specs]}")
+    (out / "device_count.json").write_text(json.dumps(doc, indent=2, default=float))
+    table = markdown(doc)
+    (out / "device_count.md").write_text(table)
+    print(table)
+    return doc
 
 
 if __name__ == "__main__":

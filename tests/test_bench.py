@@ -99,22 +99,48 @@ def test_bench_runs_every_method_at_two_rates(tiny: dict[str, Any], tmp_path: Pa
         assert paths[key].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_bench_skips_the_baselines_a_backbone_cannot_run_and_says_why(tmp_path: Path) -> None:
-    tiny_llama = _tiny_setup("llama", tmp_path)  # llama has no pipeline stages or tensor-parallel shards
+@pytest.mark.parametrize("name", ["vit", "llama", "mpnet"])
+def test_bench_runs_all_four_methods_for_vit_llama_and_mpnet(name: str, tmp_path: Path) -> None:
+    """The baselines written once per family reach `coformer bench`: four rows, exact baselines verified."""
+    if name not in {info.name for info in coformer.list_plugins("backbone")}:
+        pytest.skip(f"backbone {name!r} is not installed")
+    tiny_setup = _tiny_setup(name, tmp_path)
     plan = load_plan(tmp_path / "plan")
-    clients = [coformer.open_transport(f"inproc://bench-llama-{i}") for i in range(3)]
-    setup = BenchSetup(tiny_llama["backbone"], tiny_llama["teacher"], plan, tiny_llama["devices"], clients,
-                       tiny_llama["test"])
+    clients = [coformer.open_transport(f"inproc://bench4-{name}-{i}") for i in range(3)]
+    setup = BenchSetup(tiny_setup["backbone"], tiny_setup["teacher"], plan, tiny_setup["devices"], clients,
+                       tiny_setup["test"])
+    doc = run_bench(setup, BenchConfig(rates_mbps=[1000.0], requests=3, warmup=1), log=lambda _m: None)
+    assert doc["skipped_methods"] == {}
+    assert sorted(r["method"] for r in doc["runs"]) == sorted(("teacher", "coformer", "pipeline", "tensor-parallel"))
+    for r in doc["runs"]:
+        if r["method"] in ("pipeline", "tensor-parallel"):
+            assert r["agreement_with_teacher"] == 100.0
+            assert doc["accuracy"][r["method"]]["accuracy"] == doc["accuracy"]["teacher"]["accuracy"]
+    rounds = {r["method"]: r["rounds"] for r in doc["runs"]}
+    assert rounds["tensor-parallel"] == 2 * tiny_setup["backbone"].shape(tiny_setup["teacher"]).layers
+
+
+def test_bench_skips_the_baselines_a_backbone_cannot_run_and_says_why(tmp_path: Path, monkeypatch) -> None:
+    from coformer.backbone import Backbone
+
+    tiny_bert = _tiny_setup("bert", tmp_path)
+    backbone = tiny_bert["backbone"]
+    # a backbone that declares no baselines: the Backbone defaults
+    for hook in ("pipeline_stage", "tensor_shard", "tensor_host"):
+        monkeypatch.setattr(backbone, hook, getattr(Backbone, hook).__get__(backbone))
+    plan = load_plan(tmp_path / "plan")
+    clients = [coformer.open_transport(f"inproc://bench-nobase-{i}") for i in range(3)]
+    setup = BenchSetup(backbone, tiny_bert["teacher"], plan, tiny_bert["devices"], clients, tiny_bert["test"])
     logged: list[str] = []
     doc = run_bench(setup, BenchConfig(rates_mbps=[1000.0], requests=3, warmup=1), log=logged.append)
     paths = write_outputs(doc, tmp_path / "out")
 
     assert {r["method"] for r in doc["runs"]} == {"teacher", "coformer"}
-    assert doc["skipped_methods"] == {"pipeline": "backbone 'llama' has no pipeline stages",
-                                      "tensor-parallel": "backbone 'llama' has no tensor-parallel shards"}
+    assert doc["skipped_methods"] == {"pipeline": "backbone 'bert' has no pipeline stages",
+                                      "tensor-parallel": "backbone 'bert' has no tensor-parallel shards"}
     assert set(doc["accuracy"]) == {"teacher", "coformer"}
-    assert "skipping pipeline: backbone 'llama' has no pipeline stages" in logged
-    assert "- tensor-parallel: not run (backbone 'llama' has no tensor-parallel shards)" in paths["table"].read_text()
+    assert "skipping pipeline: backbone 'bert' has no pipeline stages" in logged
+    assert "- tensor-parallel: not run (backbone 'bert' has no tensor-parallel shards)" in paths["table"].read_text()
     assert paths["accuracy"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

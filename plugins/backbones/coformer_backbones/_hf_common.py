@@ -33,6 +33,8 @@ from torch import Tensor, nn
 from coformer.backbone import Backbone, Batch, SubModel, UnitImportance
 from coformer.heads import ClassifierHead, load_head, save_head
 from coformer.spec import ModelShape, UnitSelection, check_selection
+from coformer_backbones._hf_parallel import LayeredLM
+from coformer_backbones._parallel import PARALLEL_KINDS, ParallelBaselines, build_parallel
 
 BACKBONE_CONFIG = "coformer_backbone.json"
 INPUT_KEYS = ("input_ids", "attention_mask")
@@ -221,7 +223,7 @@ class CompactBlock(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-class CompactLM(SubModel):
+class CompactLM(LayeredLM, SubModel):
     """A sliced GPT-2 / T5-encoder / Llama sub-model, plain torch, rebuilt from its JSON ``config``.
 
     ``forward(input_ids, attention_mask)`` returns the pooled features ``[B, embed_dim]``;
@@ -253,18 +255,23 @@ class CompactLM(SubModel):
         for layer in self.layers:
             layer.attn.rebuild_buffers()
 
-    def hidden_states(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        """Final-normed hidden states ``[B, T, embed_dim]``."""
-        cfg = self.config
-        b, t = input_ids.shape
-        dev = input_ids.device
+    def embed_tokens(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """Token (+ learned position) embeddings ``[B, T, embed_dim]``: the hidden state entering block 0."""
         x = self.embed(input_ids)
-        positions = torch.arange(t, device=dev)
         if self.pos is not None:
+            t = input_ids.shape[1]
             if t > self.pos.num_embeddings:
                 raise ValueError(f"sequence length {t} exceeds the model's {self.pos.num_embeddings} positions; "
                                  f"tokenise with a smaller max_length")
-            x = x + self.pos(positions)
+            x = x + self.pos(torch.arange(t, device=input_ids.device))
+        return x
+
+    def attention_context(self, x: Tensor, attention_mask: Tensor | None) -> tuple[Any, Any, Any]:
+        """What every block takes besides ``x [B, T, d]``: the additive mask, RoPE (cos, sin), T5 buckets."""
+        cfg = self.config
+        b, t = x.shape[:2]
+        dev = x.device
+        positions = torch.arange(t, device=dev)
         rope = None
         if cfg["positions"] == "rope":
             freqs = positions[:, None].float() * self.inv_freq[None, :]
@@ -285,6 +292,12 @@ class CompactLM(SubModel):
         if cfg["causal"]:
             allowed = allowed & torch.ones(t, t, dtype=torch.bool, device=dev).tril()
         mask = torch.zeros(allowed.shape, dtype=x.dtype, device=dev).masked_fill(~allowed, torch.finfo(x.dtype).min)
+        return mask, rope, buckets
+
+    def hidden_states(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """Final-normed hidden states ``[B, T, embed_dim]``."""
+        x = self.embed_tokens(input_ids, attention_mask)
+        mask, rope, buckets = self.attention_context(x, attention_mask)
         for layer in self.layers:
             x = layer(x, mask, rope, buckets)
         return self.final_norm(x)
@@ -437,7 +450,7 @@ def _zero_inputs(module: nn.Module, idx: list[int], *, bias: bool = False) -> No
         module.bias.zero_()
 
 
-class HFBackbone(Backbone):
+class HFBackbone(ParallelBaselines, Backbone):
     """The :class:`Backbone` contract for transformers language models; subclasses say where things live."""
 
     modality: ClassVar[str] = "text"
@@ -727,6 +740,8 @@ class HFBackbone(Backbone):
         """An untrained :class:`CompactLM` with the architecture ``config`` describes."""
         if config.get("backbone") != self.name:
             raise ValueError(f"sub-model config is for backbone {config.get('backbone')!r}, not {self.name!r}")
+        if config.get("kind") in PARALLEL_KINDS:  # pipeline stages / tensor shards (baselines)
+            return build_parallel(self, config)
         missing = {"vocab_size", "embed_dim", "head_dim", "heads", "mlp", "scaling", "norm", "norm_eps", "act",
                    "gated", "positions", "causal", "pooling", "qkv_bias", "o_bias", "mlp_bias"} - set(config)
         if missing:

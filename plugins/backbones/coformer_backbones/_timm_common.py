@@ -28,6 +28,8 @@ from torch import Tensor, nn
 from coformer.backbone import Backbone, Batch, SubModel, UnitImportance
 from coformer.heads import ClassifierHead
 from coformer.spec import ModelShape, UnitSelection
+from coformer_backbones._parallel import PARALLEL_KINDS, ParallelBaselines, build_parallel
+from coformer_backbones._timm_parallel import LayeredTimm
 
 #: The batch key every vision backbone uses: normalised images ``[B, C, H, W]``.
 PIXELS = "pixel_values"
@@ -248,7 +250,7 @@ def check_standard_block(block: nn.Module, where: str) -> None:
                          f"standard pre-norm blocks only")
 
 
-class TimmSubModel(SubModel):
+class TimmSubModel(LayeredTimm, SubModel):
     """A sliced timm model; ``forward(pixel_values=...)`` returns the feature vector.
 
     ``pool`` turns the net's final-norm token map into features (the same function the
@@ -267,7 +269,7 @@ class TimmSubModel(SubModel):
         return self._pool(self.net, self.net.forward_features(pixel_values))
 
 
-class TimmVisionBackbone(Backbone):
+class TimmVisionBackbone(ParallelBaselines, Backbone):
     """Shared behaviour of the timm-backed vision backbones; subclasses describe their blocks."""
 
     modality: ClassVar[str] = "image"
@@ -296,6 +298,10 @@ class TimmVisionBackbone(Backbone):
         raise FileNotFoundError(
             f"no installed package carries {self.name} weights; pass a timm checkpoint directory "
             f"(config.json + model.safetensors), a .safetensors file with arch=..., or 'timm:NAME'")
+
+    def layer_starts_stage(self, model: nn.Module, layer: int) -> bool:
+        """Whether block ``layer`` is the first of its container (a Swin stage; block 0 of a ViT)."""
+        return self.blocks(model)[layer][1] == 0
 
     def feature_channel_modules(self, model: nn.Module) -> list[nn.Module]:
         """Modules whose outputs carry the feature channels (gated for channel importance)."""
@@ -469,6 +475,8 @@ class TimmVisionBackbone(Backbone):
         """An untrained sub-model from its JSON config (weights are loaded afterwards)."""
         if config.get("backbone") != self.name:
             raise ValueError(f"config is for backbone {config.get('backbone')!r}, not {self.name!r}")
+        if config.get("kind") in PARALLEL_KINDS:  # pipeline stages / tensor shards (baselines)
+            return build_parallel(self, config)
         return TimmSubModel(self.build_net(config), dict(config), self.pool_for(config)).eval()
 
     def pool_for(self, config: dict[str, Any]) -> Callable[[nn.Module, Tensor], Tensor]:

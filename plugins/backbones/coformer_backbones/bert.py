@@ -29,7 +29,8 @@ from coformer.backbone import Backbone, Batch, SubModel, UnitImportance
 from coformer.heads import ClassifierHead, load_head, save_head
 from coformer.hookspecs import Register, hookimpl
 from coformer.spec import ModelShape, UnitSelection, check_selection
-from coformer_backbones.bert_parallel import PARALLEL_KINDS, BertParallelMixin, build_parallel
+from coformer_backbones._hf_parallel import LayeredBert
+from coformer_backbones._parallel import PARALLEL_KINDS, ParallelBaselines, build_parallel
 
 BACKBONE_CONFIG = "coformer_backbone.json"
 INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
@@ -133,8 +134,9 @@ class CompactBertLayer(nn.Module):
         self.norm2 = nn.LayerNorm(embed_dim, eps=eps)
         self.act = _activation(act)
 
-    def forward(self, x: Tensor, key_mask: Tensor | None) -> Tensor:
-        """``x [B, S, d]``; ``key_mask [B, 1, 1, S]`` is True where a key may be attended to."""
+    def attention(self, x: Tensor, key_mask: Tensor | None) -> Tensor:
+        """The attention branch (output projection included): ``x [B, S, d]``; ``key_mask [B, 1, 1, S]``
+        is True where a key may be attended to."""
         b, s, _ = x.shape
 
         def split(t: Tensor) -> Tensor:
@@ -143,11 +145,19 @@ class CompactBertLayer(nn.Module):
         # the teacher's head_dim sets the softmax temperature, whatever embed_dim is
         attn = F.scaled_dot_product_attention(split(self.q(x)), split(self.k(x)), split(self.v(x)),
                                               attn_mask=key_mask, scale=self.head_dim**-0.5)
-        x = self.norm1(x + self.o(attn.transpose(1, 2).reshape(b, s, -1)))
-        return self.norm2(x + self.fc2(self.act(self.fc1(x))))
+        return self.o(attn.transpose(1, 2).reshape(b, s, -1))
+
+    def mlp(self, x: Tensor) -> Tensor:
+        """The MLP branch."""
+        return self.fc2(self.act(self.fc1(x)))
+
+    def forward(self, x: Tensor, key_mask: Tensor | None) -> Tensor:
+        """Post-LayerNorm residual block over ``x [B, S, d]``."""
+        x = self.norm1(x + self.attention(x, key_mask))
+        return self.norm2(x + self.mlp(x))
 
 
-class CompactBert(SubModel):
+class CompactBert(LayeredBert, SubModel):
     """A sliced BERT sub-model: plain torch, per-layer heads and MLP widths, a subset of channels.
 
     ``forward(input_ids, attention_mask, token_type_ids)`` returns mean-pooled features
@@ -172,6 +182,14 @@ class CompactBert(SubModel):
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                 token_type_ids: Tensor | None = None) -> Tensor:
         """Features ``[B, embed_dim]`` of a tokenised batch."""
+        x = self.embed_tokens(input_ids, token_type_ids)
+        key_mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
+        for layer in self.layers:
+            x = layer(x, key_mask)
+        return mean_pool(x, attention_mask)
+
+    def embed_tokens(self, input_ids: Tensor, token_type_ids: Tensor | None = None) -> Tensor:
+        """Word + token-type + position embeddings and LayerNorm: the hidden state entering layer 0."""
         s = input_ids.shape[1]
         if s > self.position.num_embeddings:
             raise ValueError(f"sequence length {s} exceeds the model's {self.position.num_embeddings} positions; "
@@ -179,11 +197,7 @@ class CompactBert(SubModel):
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         positions = torch.arange(s, device=input_ids.device)
-        x = self.norm(self.word(input_ids) + self.token_type(token_type_ids) + self.position(positions))
-        key_mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
-        for layer in self.layers:
-            x = layer(x, key_mask)
-        return mean_pool(x, attention_mask)
+        return self.norm(self.word(input_ids) + self.token_type(token_type_ids) + self.position(positions))
 
 
 def _quiet_transformers() -> contextlib.AbstractContextManager[None]:
@@ -210,7 +224,7 @@ def _inputs(batch: Batch) -> dict[str, Tensor]:
     return {k: batch[k] for k in INPUT_KEYS if k in batch and batch[k] is not None}
 
 
-class BertBackbone(BertParallelMixin, Backbone):
+class BertBackbone(ParallelBaselines, Backbone):
     """BERT-family encoders: all-MiniLM-L6-v2 by default, any local HF BERT directory otherwise."""
 
     name = "bert"
@@ -473,7 +487,7 @@ class BertBackbone(BertParallelMixin, Backbone):
         if config.get("backbone") != self.name:
             raise ValueError(f"sub-model config is for backbone {config.get('backbone')!r}, not {self.name!r}")
         if config.get("kind") in PARALLEL_KINDS:  # pipeline stages / tensor shards (baselines)
-            return build_parallel(config)
+            return build_parallel(self, config)
         missing = {"vocab_size", "max_position_embeddings", "type_vocab_size", "embed_dim", "head_dim",
                    "heads", "mlp", "layer_norm_eps", "hidden_act"} - set(config)
         if missing:

@@ -1,0 +1,149 @@
+"""The transformers language family run block by block: the :class:`~coformer_backbones._parallel.LayeredModel`
+protocol for its two compact sub-models, so pipeline stages and tensor shards come from
+:mod:`coformer_backbones._parallel` for ``gpt2``, ``flan_t5``, ``llama`` (pre-norm ``CompactLM``) and
+``bert`` (post-norm ``CompactBert``) alike, and for post-norm ``CompactLM`` blocks (``post_norm``).
+
+Pre-norm blocks normalise inside the branch, so a shard holds the (replicated) norm and the host
+only adds the residual; post-norm blocks normalise after the residual, so the host does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+
+from coformer.backbone import Batch
+
+
+def _key_mask(batch: Batch) -> Tensor | None:
+    mask = batch.get("attention_mask")
+    return None if mask is None else mask.bool()[:, None, None, :]
+
+
+def _bias(linear: nn.Linear) -> Tensor | float:
+    return 0.0 if linear.bias is None else linear.bias
+
+
+def _zero_bias(linear: nn.Linear) -> None:
+    if linear.bias is not None:
+        linear.bias.data.zero_()
+
+
+class LayeredLM:
+    """Block-by-block access to a ``CompactLM`` (GPT-2, T5 encoder, Llama; post-norm blocks too, e.g. MPNet)."""
+
+    block_inputs: tuple[str, ...] = ("attention_mask",)
+    config: dict[str, Any]
+    layers: nn.ModuleList
+
+    def embed_input(self, batch: Batch) -> Tensor:
+        """Token (+ position) embeddings of ``batch["input_ids"]``."""
+        return self.embed_tokens(batch["input_ids"], batch.get("attention_mask"))  # type: ignore[attr-defined]
+
+    def context(self, hidden: Tensor, batch: Batch) -> Any:
+        """Additive attention mask, RoPE tables and relative-position buckets for ``hidden``'s length."""
+        return self.attention_context(hidden, batch.get("attention_mask"))  # type: ignore[attr-defined]
+
+    def run_block(self, k: int, hidden: Tensor, ctx: Any) -> Tensor:
+        """Block ``k`` in full."""
+        return self.layers[k](hidden, *ctx)
+
+    def branch(self, k: int, phase: int, hidden: Tensor, ctx: Any) -> Tensor:
+        """Attention (phase 0) or MLP (phase 1) on ``norm(x)`` in a pre-norm block, on ``x`` in a post-norm one."""
+        blk = self.layers[k]
+        post = getattr(blk, "post_norm", False)
+        if phase == 0:
+            return blk.attn(hidden if post else blk.norm1(hidden), *ctx)
+        return blk.mlp(hidden if post else blk.norm2(hidden))
+
+    def output_bias(self, k: int, phase: int) -> Tensor | float:
+        """Bias of the attention (MLP) output projection, if the family has one."""
+        blk = self.layers[k]
+        return _bias(blk.attn.o if phase == 0 else blk.mlp.down)
+
+    def merge(self, k: int, phase: int, hidden: Tensor, out: Tensor) -> Tensor:
+        """Residual ``x + out``, normalised after it in a post-norm block."""
+        blk = self.layers[k]
+        if getattr(blk, "post_norm", False):
+            return (blk.norm1 if phase == 0 else blk.norm2)(hidden + out)
+        return hidden + out
+
+    def finish(self, hidden: Tensor, batch: Batch) -> Tensor:
+        """Final norm, then the teacher's pooling."""
+        from coformer_backbones._hf_common import pool
+
+        final_norm = self.final_norm  # type: ignore[attr-defined]
+        return pool(final_norm(hidden), batch.get("attention_mask"), self.config["pooling"])
+
+    def zero_output_biases(self) -> None:
+        """Shards return partial sums without the projection biases (the host adds them once)."""
+        for blk in self.layers:
+            _zero_bias(blk.attn.o)
+            _zero_bias(blk.mlp.down)
+
+    def drop_parts(self, *, embed: bool, finish: bool) -> None:
+        """Free the embeddings (and/or final norm and LM head) a stage or shard never runs."""
+        if embed:
+            self.embed = None
+            self.pos = None
+            if hasattr(self, "embed_norm"):
+                self.embed_norm = None
+        if finish:
+            self.final_norm = None
+            self.lm_head = None
+
+
+class LayeredBert:
+    """Block-by-block access to a post-norm ``CompactBert``."""
+
+    block_inputs: tuple[str, ...] = ("attention_mask",)
+    config: dict[str, Any]
+    layers: nn.ModuleList
+
+    def embed_input(self, batch: Batch) -> Tensor:
+        """Word + token-type + position embeddings and LayerNorm."""
+        return self.embed_tokens(batch["input_ids"], batch.get("token_type_ids"))  # type: ignore[attr-defined]
+
+    def context(self, hidden: Tensor, batch: Batch) -> Any:
+        """The boolean key mask ``[B, 1, 1, S]`` (or None)."""
+        return _key_mask(batch)
+
+    def run_block(self, k: int, hidden: Tensor, ctx: Any) -> Tensor:
+        """Block ``k`` in full."""
+        return self.layers[k](hidden, ctx)
+
+    def branch(self, k: int, phase: int, hidden: Tensor, ctx: Any) -> Tensor:
+        """Attention (phase 0) or MLP (phase 1) on the un-normalised hidden state."""
+        blk = self.layers[k]
+        return blk.attention(hidden, ctx) if phase == 0 else blk.mlp(hidden)
+
+    def output_bias(self, k: int, phase: int) -> Tensor | float:
+        """Bias of the attention output projection / second MLP linear."""
+        blk = self.layers[k]
+        return _bias(blk.o if phase == 0 else blk.fc2)
+
+    def merge(self, k: int, phase: int, hidden: Tensor, out: Tensor) -> Tensor:
+        """Post-norm residual: ``LN(x + out)``."""
+        blk = self.layers[k]
+        return (blk.norm1 if phase == 0 else blk.norm2)(hidden + out)
+
+    def finish(self, hidden: Tensor, batch: Batch) -> Tensor:
+        """Mean over real tokens (sentence-transformers pooling)."""
+        from coformer_backbones.bert import mean_pool
+
+        return mean_pool(hidden, batch.get("attention_mask"))
+
+    def zero_output_biases(self) -> None:
+        """Shards return partial sums without the projection biases (the host adds them once)."""
+        for blk in self.layers:
+            _zero_bias(blk.o)
+            _zero_bias(blk.fc2)
+
+    def drop_parts(self, *, embed: bool, finish: bool) -> None:
+        """Free the embeddings a later stage or a shard never runs (BERT pools without parameters)."""
+        if embed:
+            self.word = self.position = self.token_type = self.norm = None
+
+
+__all__ = ["LayeredBert", "LayeredLM"]
