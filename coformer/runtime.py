@@ -331,7 +331,8 @@ class Coordinator:
         """Whether device ``i`` is currently left out, awaiting re-admission."""
         return self._state[i].down_since is not None
 
-    def _mark_down(self, i: int, reason: str) -> None:
+    def mark_down(self, i: int, reason: str) -> None:
+        """Leave device ``i`` out of requests until a health check re-admits it."""
         with self._state_lock:
             st = self._state[i]
             if st.down_since is None:
@@ -399,7 +400,7 @@ class Coordinator:
                 res = self.clients[i].infer(self.digests[i], batch, timeout=timeout)
                 return res, (time.perf_counter() - start) * 1000, attempts
             except ModelNotLoadedError as exc:
-                self._mark_down(i, f"{type(exc).__name__}: {exc}")
+                self.mark_down(i, f"{type(exc).__name__}: {exc}")
                 raise
             except BadRequestError:
                 raise
@@ -409,7 +410,7 @@ class Coordinator:
                 if attempts >= self.recovery.retries or deadline_missed or \
                         time.monotonic() + wait_s >= deadline_at or self._closed.is_set():
                     if not deadline_missed:
-                        self._mark_down(i, f"{type(exc).__name__}: {exc}")
+                        self.mark_down(i, f"{type(exc).__name__}: {exc}")
                     exc.retries = attempts  # type: ignore[attr-defined]
                     raise
                 attempts += 1
