@@ -63,7 +63,8 @@ class LoadCancelledError(RuntimeError):
 
 def mb(n: int | float) -> str:
     """Bytes as a MiB figure for messages."""
-    return f"{n / 2**20:.1f} MB"
+    x = n / 2**20
+    return f"{x:.1f} MB" if x >= 10 else f"{x:.3g} MB"
 
 
 def available_memory_bytes() -> int:

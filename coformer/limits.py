@@ -103,6 +103,8 @@ def check_batch(batch: Batch, model: nn.Module, limits: RequestLimits) -> int:
         raise RequestTooLargeError(f"batch of {b} examples is over this worker's limit of {limits.max_batch}; "
                                    f"split it (the coordinator does) or raise --max-batch")
     for key, t in batch.items():
+        if key.endswith("_ids") and t.dtype not in _TOKEN_DTYPES:
+            raise BadRequestError(f"{key}: token ids must be integer, got {t.dtype}")
         if t.is_floating_point() and t.dim() == 4:
             pixels = t.shape[2] * t.shape[3]
             cap = min(limits.max_pixels, own["max_pixels"] or limits.max_pixels)
