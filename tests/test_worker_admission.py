@@ -205,6 +205,7 @@ def test_a_load_in_progress_is_cancelled_by_shutdown(bert: dict[str, Any]) -> No
     drained: list[int] = []
     d = threading.Thread(target=lambda: drained.append(srv.drain(5.0)))
     d.start()
+    assert srv.state.cancel.wait(5)  # shutdown began while the load was in progress
     resume.set()
     t.join(15)
     d.join(15)
