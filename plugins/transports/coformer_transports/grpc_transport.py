@@ -229,11 +229,14 @@ class WorkerServer:
         """Stop accepting calls, cancel loads, wait up to ``grace`` s for in-flight calls; returns how many were cut."""
         self.draining = True
         self.state.cancel.set()
-        self.server.stop(grace)  # new calls are refused from here on
+        stopped = self.server.stop(grace)  # new calls are refused from here on
         end = time.monotonic() + max(0.0, grace)
         while self._inflight > 0 and time.monotonic() < end:
             time.sleep(0.01)
-        return self._inflight
+        cut = self._inflight
+        if not cut:  # the handlers returned; let gRPC send their replies before the process goes
+            stopped.wait(max(0.1, end - time.monotonic()))
+        return cut
 
     def wait(self) -> None:
         """Block until the server stops."""
@@ -470,7 +473,10 @@ class GrpcClient(WorkerClient):
             max_message_bytes = int(mb) * 1024 * 1024
         ca_path = ca or query.get("ca") or os.environ.get("COFORMER_TLS_CA")
         self.tls = _flag(query.get("tls")) or _flag(os.environ.get("COFORMER_TLS")) or ca_path is not None
-        options = _channel_options(max_message_bytes)
+        # reconnect soon after a worker comes back, so re-admission is not held up by gRPC's own backoff
+        options = _channel_options(max_message_bytes) + [("grpc.initial_reconnect_backoff_ms", 100),
+                                                         ("grpc.min_reconnect_backoff_ms", 100),
+                                                         ("grpc.max_reconnect_backoff_ms", 1000)]
         if self.tls:
             if ca_path is not None and not Path(ca_path).is_file():
                 raise ValueError(f"{uri}: CA certificate {ca_path} not found")
