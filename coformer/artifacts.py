@@ -15,12 +15,21 @@ import json
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from safetensors.torch import save as st_save
 
+from coformer.admission import (
+    AdmissionError,
+    admit,
+    build_on_meta,
+    check_config_sanity,
+    compare_to_weights,
+    materialise,
+    safetensors_header,
+)
 from coformer.aggregator import Aggregator
 from coformer.backbone import SubModel
 from coformer.heads import ClassifierHead, StudentHead
@@ -60,16 +69,21 @@ class Plan:
     figures: dict[str, Any] = field(default_factory=dict)
 
     def submodels(self) -> list[SubModel]:
-        """Rebuild the sub-models locally (for in-process runs and tests)."""
-        from coformer.registry import create
-        from safetensors.torch import load as st_load
-
+        """Rebuild the sub-models locally (for in-process runs and tests), each admitted before allocation."""
         out = []
-        for art in self.artifacts:
-            m = create("backbone", art.config["backbone"]).build_submodel(art.config)
-            m.load_state_dict(st_load(art.weights))
-            out.append(m.eval())
+        for n, art in enumerate(self.artifacts):
+            factory = _submodel_factory(art.config)
+            admit(factory, art.weights, what=f"sub-model {n}")
+            out.append(materialise(factory, art.weights))
         return out
+
+
+def _submodel_factory(config: dict[str, Any]) -> Callable[[], SubModel]:
+    from coformer.registry import create
+
+    check_config_sanity(config)
+    backbone = create("backbone", config["backbone"])
+    return lambda: backbone.build_submodel(config)
 
 
 def save_plan(
@@ -122,7 +136,12 @@ def _read_verified(path: Path, name: str, expected: str) -> bytes:
 
 
 def load_plan(path: str | Path) -> Plan:
-    """Read a plan directory, verifying every file's sha256 against ``plan.json``."""
+    """Read a plan directory, verifying every file's sha256 against ``plan.json``.
+
+    Every config is checked against its weights (tensor names, shapes, dtypes) on the meta
+    device, and the aggregator against the memory budget, before anything is allocated; a
+    mismatch raises :class:`ArtifactError` naming the file and tensor.
+    """
     from coformer.registry import create
 
     root = Path(path)
@@ -132,15 +151,31 @@ def load_plan(path: str | Path) -> Plan:
     meta = json.loads(plan_file.read_text())
     hashes = meta["sha256"]
     artifacts = []
-    for entry in meta["submodels"]:
+    for n, entry in enumerate(meta["submodels"]):
         data = _read_verified(root, entry["file"], hashes[entry["file"]])
+        try:  # the config must describe exactly these weights; nothing is allocated to check it
+            header = safetensors_header(data)
+            compare_to_weights(build_on_meta(_submodel_factory(entry["config"]), max_tensors=len(header)), header,
+                               f"{entry['file']}")
+        except AdmissionError as exc:
+            raise ArtifactError(f"{root}: {exc}") from exc
         artifacts.append(SubModelArtifact(entry["config"], data, hashes[entry["file"]]))
     agg_meta = meta["aggregator"]
     _read_verified(root, agg_meta["file"], hashes[agg_meta["file"]])
     cfg = agg_meta["config"]
-    task_head = ClassifierHead.from_config(agg_meta["task_head"])
-    students = [StudentHead.from_config(c) for c in agg_meta["student_heads"]] if agg_meta["student_heads"] else None
-    aggregator = create("aggregator", cfg["name"], feature_dims=cfg["feature_dims"], embed_dim=cfg["embed_dim"],
-                        task_head=task_head, student_heads=students, **cfg.get("options", {}))
-    aggregator.load_state_dict(load_file(str(root / agg_meta["file"])))
+
+    def build_aggregator() -> Aggregator:
+        task_head = ClassifierHead.from_config(agg_meta["task_head"])
+        students = ([StudentHead.from_config(c) for c in agg_meta["student_heads"]]
+                    if agg_meta["student_heads"] else None)
+        return create("aggregator", cfg["name"], feature_dims=cfg["feature_dims"], embed_dim=cfg["embed_dim"],
+                      task_head=task_head, student_heads=students, **cfg.get("options", {}))
+
+    agg_file = root / agg_meta["file"]
+    try:
+        check_config_sanity(agg_meta)
+        admit(build_aggregator, agg_file, what=agg_meta["file"])
+    except AdmissionError as exc:
+        raise ArtifactError(f"{root}: {exc}") from exc
+    aggregator = materialise(build_aggregator, agg_file)
     return Plan(root, meta, artifacts, aggregator.eval(), meta.get("figures", {}))

@@ -47,11 +47,24 @@ def _labels(plan: Any) -> list[str] | None:
     return None
 
 
+def plan_memory_limits(plan: Any) -> list[int | None]:
+    """Each sub-model's device memory (bytes) from the plan's policy, where the plan records it."""
+    policy = plan.meta.get("policy")
+    devices = policy.get("devices") if isinstance(policy, dict) else None
+    out: list[int | None] = []
+    for n in range(len(plan.artifacts)):
+        dev = devices[n] if isinstance(devices, list) and n < len(devices) else None
+        gb = dev.get("memory_gb") if isinstance(dev, dict) else None
+        out.append(int(gb * 2**30) if isinstance(gb, (int, float)) and gb > 0 else None)
+    return out
+
+
 def deploy(plan: Any, uris: Sequence[str], *, timeout: float = 120.0) -> tuple[list[Any], dict[str, str]]:
     """Open a client per URI and load each plan sub-model on its worker (cached by sha256).
 
-    Returns the clients and ``{uri: error}`` for workers that could not be loaded (they are
-    kept so each request names them as missing).
+    Each worker admits its sub-model against its own budget and the plan's memory for that
+    device. Returns the clients and ``{uri: error}`` for workers that could not be loaded (they
+    are kept so each request names them as missing, and the coordinator keeps retrying them).
     """
     import coformer
 
@@ -59,10 +72,10 @@ def deploy(plan: Any, uris: Sequence[str], *, timeout: float = 120.0) -> tuple[l
         raise click.UsageError(f"the plan has {len(plan.artifacts)} sub-models but {len(uris)} workers were given; "
                                f"pass one URI per sub-model, in order")
     clients, failed = [], {}
-    for uri, art in zip(uris, plan.artifacts):
+    for uri, art, limit in zip(uris, plan.artifacts, plan_memory_limits(plan)):
         client = coformer.open_transport(uri)
         try:
-            cached = client.load(art, timeout=timeout)
+            cached = client.load(art, timeout=timeout, **({"memory_limit_bytes": limit} if limit else {}))
             click.echo(f"deployed {art.sha256[:12]}… to {uri} ({'cached, nothing sent' if cached else 'sent'})",
                        err=True)
         except Exception as exc:  # noqa: BLE001 - a lost worker is left out, not fatal
@@ -84,6 +97,7 @@ def answer_record(answer: Any, labels: list[str] | None) -> dict[str, Any]:
     return {
         "prediction": pred, "labels": [labels[p] for p in pred] if labels else None,
         "answered": answer.answered, "missing": answer.missing, "errors": answer.errors,
+        "retried": answer.retried, "chunks": answer.chunks,
         "devices": [{"device": t.device, "t1_ms": num(t.t1_compute_ms), "t2_ms": num(t.t2_transfer_ms),
                      "round_trip_ms": num(t.round_trip_ms), "ok": t.ok} for t in answer.timings],
         "t3_ms": round(answer.t3_aggregate_ms, 3), "total_ms": round(answer.total_ms, 3),
@@ -100,12 +114,16 @@ def answer_record(answer: Any, labels: list[str] | None) -> dict[str, Any]:
 @click.option("--repeat", type=int, default=1, show_default=True, help="Send the request this many times.")
 @click.option("--deadline", type=float, default=10.0, show_default=True,
               help="Seconds to wait for each worker; late ones are left out and named.")
+@click.option("--max-inflight", type=int, default=32, show_default=True,
+              help="Requests the coordinator runs at once.")
+@click.option("--retries", type=int, default=2, show_default=True,
+              help="Extra attempts for a device that fails, with backoff, within the deadline.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON record per request on stdout.")
 def infer_cmd(plan_dir: str, workers: str, input_file: str | None, texts: tuple[str, ...], repeat: int,
-              deadline: float, as_json: bool) -> None:
+              deadline: float, max_inflight: int, retries: int, as_json: bool) -> None:
     """Deploy a plan to workers and answer requests, with the t1/t2/t3 breakdown per device."""
     from coformer.artifacts import ArtifactError, load_plan
-    from coformer.runtime import Coordinator
+    from coformer.runtime import Coordinator, RecoveryPolicy
 
     try:
         plan = load_plan(plan_dir)
@@ -113,9 +131,17 @@ def infer_cmd(plan_dir: str, workers: str, input_file: str | None, texts: tuple[
         raise click.ClickException(str(exc)) from exc
     uris = [u.strip() for u in workers.split(",") if u.strip()]
     batch = _load_input(plan, input_file, texts)
-    clients, _ = deploy(plan, uris)
+    clients, failed = deploy(plan, uris)
     labels = _labels(plan)
-    coord = Coordinator(clients, [a.sha256 for a in plan.artifacts], plan.aggregator, names=uris, deadline_s=deadline)
+    try:
+        coord = Coordinator(clients, [a.sha256 for a in plan.artifacts], plan.aggregator, names=uris,
+                            deadline_s=deadline, max_inflight=max_inflight, recovery=RecoveryPolicy(retries=retries),
+                            artifacts=plan.artifacts, memory_limits=plan_memory_limits(plan))
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
+    for i, uri in enumerate(uris):
+        if uri in failed:  # not loaded: left out until the prober re-admits it
+            coord.mark_down(i, failed[uri])
     failures = 0
     try:
         for i in range(repeat):

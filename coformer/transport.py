@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
@@ -31,9 +32,22 @@ class BadRequestError(ValueError):
     """A request was malformed; the worker rejected it and stays up."""
 
 
+class ModelNotLoadedError(TransportError):
+    """The worker does not hold the sub-model asked for (e.g. it restarted empty); load it again."""
+
+
 def sha256(data: bytes) -> str:
     """Hex sha256 of ``data``."""
     return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -103,8 +117,12 @@ class WorkerClient(ABC):
         self.uri = uri
 
     @abstractmethod
-    def load(self, artifact: SubModelArtifact, *, timeout: float = 60.0) -> bool:
-        """Make the worker hold ``artifact``; returns ``True`` if it already had it (nothing resent)."""
+    def load(self, artifact: SubModelArtifact, *, timeout: float = 60.0, memory_limit_bytes: int | None = None) -> bool:
+        """Make the worker hold ``artifact``; returns ``True`` if it already had it (nothing resent).
+
+        ``memory_limit_bytes`` (the plan's memory for that device, where known) lowers the
+        worker's own budget for this load; a model over it is refused before allocation.
+        """
 
     @abstractmethod
     def infer(self, model_sha256: str, batch: Batch, *, timeout: float = 10.0) -> InferResult:

@@ -27,6 +27,7 @@ import coformer
 from coformer.artifacts import load_plan, save_plan, submodel_artifact
 from coformer.decompose import proportional_specs
 from coformer.heads import StudentHead
+from coformer.limits import RequestLimits
 from coformer.runtime import Coordinator
 from coformer.transport import BadRequestError, SubModelArtifact, TransportError, encode_batch
 from coformer_transports.grpc_transport import (
@@ -78,6 +79,12 @@ class RecordingClient(GrpcClient):
         self.sent.append((method, request.ByteSize(), weights))
         return super()._call(method, request, timeout)
 
+    def _call_stream(self, method: str, requests: Any, timeout: float) -> Any:
+        chunks = list(requests)
+        self.chunks = len(chunks)
+        self.sent.append((method, sum(c.ByteSize() for c in chunks), sum(len(c.data) for c in chunks)))
+        return super()._call_stream(method, iter(chunks), timeout)
+
 
 def _local(sub: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     with torch.inference_mode():
@@ -119,7 +126,7 @@ def test_second_load_sends_no_weights(server: WorkerServer, bert: dict[str, Any]
     client = RecordingClient(server.uri)
     assert client.has(art.sha256) is False
     assert client.load(art) is False  # first time: probe, then the weights
-    assert [m for m, _, _ in client.sent] == ["HasModel", "LoadModel", "LoadModel"]
+    assert [m for m, _, _ in client.sent] == ["HasModel", "LoadModel", "LoadModelStream"]
     assert client.sent[1][2] == 0 and client.sent[2][2] == len(art.weights) > 10_000
     client.sent.clear()
     assert client.load(art) is True  # the worker says it has it
@@ -258,7 +265,7 @@ def test_message_limit_is_raised_on_both_sides_through_the_uri(bert: dict[str, A
     assert sum(t.numel() * t.element_size() for t in big.values()) > 1024 * 1024  # over 1 MiB, under 8
     hint = r"--max-message-mb N.*\?max_message_mb=N"
     small_srv = serve("127.0.0.1:0", max_message_bytes=1024 * 1024)
-    srv = serve("127.0.0.1:0", max_message_bytes=8 * 1024 * 1024)
+    srv = serve("127.0.0.1:0", max_message_bytes=8 * 1024 * 1024, limits=RequestLimits(max_batch=5000))
     try:
         # the client's own limit comes from the URI: it refuses to send before the (larger) worker limit applies
         small_client = GrpcClient(srv.uri + "?max_message_mb=1")

@@ -8,9 +8,10 @@ Security: TLS (server ``tls_cert``/``tls_key``; client ``?tls=1&ca=PATH`` in the
 ``COFORMER_TLS_CA`` environment variable) and a shared token sent as call metadata
 (``COFORMER_TOKEN``), compared in constant time. Every call carries a deadline.
 
-Errors map to gRPC status codes: ``INVALID_ARGUMENT`` for malformed requests,
-``RESOURCE_EXHAUSTED`` for messages over the size limit, ``FAILED_PRECONDITION`` for a model
-the worker does not hold, ``UNAUTHENTICATED`` for a missing or wrong token. The client raises
+Errors map to gRPC status codes: ``INVALID_ARGUMENT`` for malformed requests and sub-models
+refused at admission, ``RESOURCE_EXHAUSTED`` for messages or requests over a limit and models
+over the memory budget, ``FAILED_PRECONDITION`` for a model the worker does not hold,
+``UNAVAILABLE`` for a load cancelled by shutdown, ``UNAUTHENTICATED`` for a missing or wrong token. The client raises
 :class:`GrpcBadRequestError` (a :class:`~coformer.transport.BadRequestError`) for the first
 two and :class:`GrpcTransportError` (a :class:`~coformer.transport.TransportError`) otherwise,
 each carrying the worker's message and the status ``code``.
@@ -18,29 +19,44 @@ each carrying the worker's message and the status ``code``.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import ipaddress
+import itertools
 import json
 import os
 import platform
 import socket
+import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, NoReturn
 from urllib.parse import parse_qs, urlparse
 
 import grpc
 import torch
 from google.protobuf.message import Message
 
+from coformer.admission import (
+    MAX_HEADER_BYTES,
+    AdmissionError,
+    LoadCancelledError,
+    MemoryBudgetError,
+    header_length,
+    mb,
+    safetensors_header,
+)
 from coformer.backbone import Batch
 from coformer.hookspecs import Register, hookimpl
+from coformer.limits import RequestLimits, RequestTooLargeError
 from coformer.runtime import WorkerState
 from coformer.transport import (
     BadRequestError,
     InferResult,
+    ModelNotLoadedError,
     SubModelArtifact,
     TransportError,
     WorkerClient,
@@ -54,6 +70,8 @@ from coformer_transports.proto import coformer_pb2 as pb
 SERVICE = "coformer.v1.Worker"
 #: Default send/receive limit on both sides: sub-model weights are tens of MB.
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+#: Weights travel in chunks of at most this size (and below the message limit).
+LOAD_CHUNK_BYTES = 4 * 1024 * 1024
 TOKEN_METADATA_KEY = "x-coformer-token"
 
 _METHODS: dict[str, tuple[type[Message], type[Message]]] = {
@@ -89,8 +107,8 @@ class GrpcBadRequestError(BadRequestError):
         self.code = code
 
 
-class _UnknownModel(Exception):
-    """Raised inside the server for a sha256 the worker does not hold (→ FAILED_PRECONDITION)."""
+class GrpcModelNotLoadedError(GrpcTransportError, ModelNotLoadedError):
+    """The worker does not hold the sub-model asked for (FAILED_PRECONDITION); load it again."""
 
 
 @dataclass(frozen=True)
@@ -139,18 +157,28 @@ def split_hostport(address: str) -> tuple[str, int]:
 
 
 class WorkerServer:
-    """A running gRPC worker: a :class:`WorkerState` behind a thread-pool server."""
+    """A running gRPC worker: a :class:`WorkerState` behind a thread-pool server.
+
+    :meth:`drain` is the clean shutdown: stop accepting, cancel loads, give in-flight calls
+    ``grace`` seconds, and report how many were cut.
+    """
 
     def __init__(self, state: WorkerState, *, token: str | None = None,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, max_workers: int = 8):
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, max_workers: int = 8,
+                 max_inflight: int = 64, spool_dir: str | Path | None = None):
         self.state = state
         self._token = token.encode() if token else None
         self.max_message_bytes = max_message_bytes
+        self.max_inflight = max_inflight
+        self.spool_dir = str(spool_dir) if spool_dir else None
         self.tls = False
         self.address = ""
+        self.draining = False
+        self._inflight = 0
+        self._inflight_lock = threading.Lock()
         self.server = grpc.server(ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="coformer-rpc"),
                                   options=_channel_options(max_message_bytes),
-                                  maximum_concurrent_rpcs=max(64, 4 * max_workers))
+                                  maximum_concurrent_rpcs=max_inflight)
         handlers = {
             name: grpc.unary_unary_rpc_method_handler(
                 self._wrap(getattr(self, f"_rpc_{name}")),
@@ -159,6 +187,11 @@ class WorkerServer:
             )
             for name, (req, rep) in _METHODS.items()
         }
+        handlers["LoadModelStream"] = grpc.stream_unary_rpc_method_handler(
+            self._wrap(self._rpc_LoadModelStream, stream=True),
+            request_deserializer=_safe_deserializer(pb.LoadModelChunk),
+            response_serializer=pb.LoadModelReply.SerializeToString,
+        )
         self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
 
     def bind(self, address: str, *, tls_cert: str | Path | None = None, tls_key: str | Path | None = None) -> str:
@@ -184,7 +217,26 @@ class WorkerServer:
 
     def stop(self, grace: float | None = 0.5) -> None:
         """Stop serving; in-flight calls get ``grace`` seconds to finish."""
+        self.state.cancel.set()
         self.server.stop(grace).wait()
+
+    @property
+    def inflight(self) -> int:
+        """Calls being served now."""
+        return self._inflight
+
+    def drain(self, grace: float) -> int:
+        """Stop accepting calls, cancel loads, wait up to ``grace`` s for in-flight calls; returns how many were cut."""
+        self.draining = True
+        self.state.cancel.set()
+        stopped = self.server.stop(grace)  # new calls are refused from here on
+        end = time.monotonic() + max(0.0, grace)
+        while self._inflight > 0 and time.monotonic() < end:
+            time.sleep(0.01)
+        cut = self._inflight
+        if not cut:  # the handlers returned; let gRPC send their replies before the process goes
+            stopped.wait(max(0.1, end - time.monotonic()))
+        return cut
 
     def wait(self) -> None:
         """Block until the server stops."""
@@ -206,7 +258,8 @@ class WorkerServer:
         sent_b = sent.encode() if isinstance(sent, str) else bytes(sent)
         return hmac.compare_digest(sent_b, self._token)
 
-    def _wrap(self, fn: Callable[[Any], Message]) -> Callable[[Any, grpc.ServicerContext], Message]:
+    def _wrap(self, fn: Callable[[Any], Message], *, stream: bool = False) -> Callable[[Any, grpc.ServicerContext],
+                                                                                       Message]:
         def handler(request: Any, context: grpc.ServicerContext) -> Message:
             if not self._authorised(context):
                 context.abort(grpc.StatusCode.UNAUTHENTICATED,
@@ -216,14 +269,23 @@ class WorkerServer:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                               f"worker {self.state.name}: request is not a valid message: {request.error}")
             code, message = grpc.StatusCode.OK, ""
+            with self._inflight_lock:
+                self._inflight += 1
             try:
                 return fn(request)
-            except _UnknownModel as exc:
+            except ModelNotLoadedError as exc:
                 code, message = grpc.StatusCode.FAILED_PRECONDITION, str(exc)
+            except (RequestTooLargeError, MemoryBudgetError) as exc:
+                code, message = grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
             except BadRequestError as exc:
                 code, message = grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+            except LoadCancelledError as exc:
+                code, message = grpc.StatusCode.UNAVAILABLE, str(exc)
             except Exception as exc:  # noqa: BLE001 - report the fault, keep serving
                 code, message = grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}"
+            finally:
+                with self._inflight_lock:
+                    self._inflight -= 1
             context.abort(code, f"worker {self.state.name}: {message}")
             raise AssertionError("unreachable")  # context.abort always raises
 
@@ -234,6 +296,20 @@ class WorkerServer:
     def _rpc_HasModel(self, req: pb.HasModelRequest) -> pb.HasModelReply:
         return pb.HasModelReply(has=self.state.has(req.sha256))
 
+    @staticmethod
+    def _parse_config(sha: str, config_json: str) -> dict[str, Any]:
+        if len(sha) != 64:
+            raise BadRequestError(f"sha256 must be 64 hex digits, got {sha!r}")
+        try:
+            config = json.loads(config_json)
+        except json.JSONDecodeError as exc:
+            raise BadRequestError(f"config_json is not valid JSON: {exc}") from exc
+        except RecursionError as exc:
+            raise BadRequestError("config_json is nested too deeply") from exc
+        if not isinstance(config, dict) or "backbone" not in config:
+            raise BadRequestError("config_json must be a JSON object with a 'backbone' key (a SubModel.config)")
+        return config
+
     def _rpc_LoadModel(self, req: pb.LoadModelRequest) -> pb.LoadModelReply:
         if len(req.sha256) != 64:
             raise BadRequestError(f"sha256 must be 64 hex digits, got {req.sha256!r}")
@@ -241,18 +317,72 @@ class WorkerServer:
             return pb.LoadModelReply(cached=True)
         if not req.weights:
             return pb.LoadModelReply(needs_weights=True)
+        config = self._parse_config(req.sha256, req.config_json)
+        cached = self.state.load(config, req.weights, req.sha256, memory_limit_bytes=req.memory_limit_bytes or None)
+        return pb.LoadModelReply(cached=cached)
+
+    def _rpc_LoadModelStream(self, chunks: Iterator[Any]) -> pb.LoadModelReply:
+        first = next(chunks, None)
+        if first is None or isinstance(first, _Malformed):
+            raise BadRequestError("LoadModelStream needs a first chunk with sha256, config_json and total_bytes")
+        config = self._parse_config(first.sha256, first.config_json)
+        digest, total, limit = first.sha256, int(first.total_bytes), first.memory_limit_bytes or None
+        if self.state.has(digest):
+            return pb.LoadModelReply(cached=True)
+        budget = min(self.state.max_memory_bytes, limit or self.state.max_memory_bytes)
+        if total < 8:
+            raise BadRequestError(f"total_bytes must be the size of the safetensors weights, got {total}")
+        if total > budget + 8 + (8 << 20):
+            raise MemoryBudgetError(f"weights of {mb(total)} cannot fit the {mb(budget)} memory budget; start "
+                                    f"the worker with a larger --max-memory-mb", total, budget)
+        hasher = hashlib.sha256()
+        prefix = bytearray()
+        need_prefix: int | None = None
+        admitted = None
+        received = 0
+        fd, spool = tempfile.mkstemp(prefix="coformer-load-", suffix=".safetensors", dir=self.spool_dir)
         try:
-            config = json.loads(req.config_json)
-        except json.JSONDecodeError as exc:
-            raise BadRequestError(f"config_json is not valid JSON: {exc}") from exc
-        if not isinstance(config, dict) or "backbone" not in config:
-            raise BadRequestError("config_json must be a JSON object with a 'backbone' key (a SubModel.config)")
-        cached = self.state.load(config, req.weights, req.sha256)
+            with os.fdopen(fd, "wb") as out:
+                for chunk in itertools.chain([first], chunks):
+                    if isinstance(chunk, _Malformed):
+                        raise BadRequestError(f"a weights chunk is not a valid message: {chunk.error}")
+                    if self.state.cancel.is_set():
+                        raise LoadCancelledError("load cancelled: the worker is shutting down")
+                    data = chunk.data
+                    received += len(data)
+                    if received > total:
+                        raise BadRequestError(f"the stream sent more than the declared total_bytes ({total})")
+                    hasher.update(data)
+                    out.write(data)
+                    if admitted is None:
+                        prefix += data[: max(0, (need_prefix or 8 << 20) - len(prefix))]
+                        need_prefix = need_prefix or header_length(prefix)
+                        if need_prefix is not None and need_prefix > MAX_HEADER_BYTES + 8:
+                            raise AdmissionError(f"weights header claims {need_prefix - 8} bytes (over "
+                                                 f"{MAX_HEADER_BYTES}); not safetensors weights")
+                        if need_prefix is not None and len(prefix) >= need_prefix:
+                            # admission as soon as the header arrived: refuse before the rest is sent
+                            header = safetensors_header(bytes(prefix[:need_prefix]), total=total)
+                            admitted = self.state.admit(config, header, digest, memory_limit_bytes=limit)
+                            prefix = bytearray()
+            if received != total:
+                raise BadRequestError(f"the stream ended after {received} of the declared {total} bytes")
+            if hasher.hexdigest() != digest:
+                raise AdmissionError(f"weights sha256 {hasher.hexdigest()} does not match the declared {digest}")
+            if admitted is None:
+                raise AdmissionError("the weights' safetensors header never arrived complete")
+            cached = self.state.install(admitted, spool, memory_limit_bytes=limit)
+        finally:
+            Path(spool).unlink(missing_ok=True)
         return pb.LoadModelReply(cached=cached)
 
     def _rpc_Infer(self, req: pb.InferRequest) -> pb.InferReply:
         if not self.state.has(req.model_sha256):
-            raise _UnknownModel(f"no sub-model with sha256 {req.model_sha256[:12]}… is loaded; call LoadModel first")
+            raise ModelNotLoadedError(f"no sub-model with sha256 {req.model_sha256[:12]}… is loaded; "
+                                      f"call LoadModel first")
+        if len(req.batch) > self.state.limits.max_input_bytes:
+            raise RequestTooLargeError(f"input of {len(req.batch)} bytes is over this worker's limit of "
+                                       f"{self.state.limits.max_input_bytes}; split the batch or raise --max-input-mb")
         start = time.perf_counter()
         batch = decode_batch(req.batch)
         if not batch:
@@ -267,8 +397,9 @@ class WorkerServer:
 
     def _rpc_Health(self, req: pb.HealthRequest) -> pb.HealthReply:
         h = self.state.health()
-        return pb.HealthReply(ok=h["ok"], name=h["name"], models=h["models"], requests=h["requests"],
-                              errors=h["errors"])
+        return pb.HealthReply(ok=h["ok"] and not self.draining, name=h["name"], models=h["models"],
+                              requests=h["requests"], errors=h["errors"], draining=self.draining,
+                              refused=self.state.refused, inflight=max(0, self._inflight - 1))
 
     def _rpc_Info(self, req: pb.InfoRequest) -> pb.InfoReply:
         import google.protobuf
@@ -276,15 +407,21 @@ class WorkerServer:
 
         versions = {"coformer": coformer.__version__, "torch": torch.__version__, "grpc": grpc.__version__,
                     "protobuf": google.protobuf.__version__, "python": platform.python_version()}
+        lim = self.state.limits
         return pb.InfoReply(name=self.state.name, versions=versions, models=self.state.health()["models"],
                             threads=self.state.threads or torch.get_num_threads(),
-                            max_message_bytes=self.max_message_bytes, tls=self.tls, auth=self._token is not None)
+                            max_message_bytes=self.max_message_bytes, tls=self.tls, auth=self._token is not None,
+                            max_batch=lim.max_batch, max_tokens=lim.max_tokens, max_pixels=lim.max_pixels,
+                            max_input_bytes=lim.max_input_bytes, max_memory_bytes=self.state.max_memory_bytes,
+                            used_memory_bytes=self.state.used_memory_bytes, max_inflight=self.max_inflight)
 
 
 def serve(listen: str = "127.0.0.1:0", *, name: str | None = None, threads: int | None = None,
           token: str | None = None, tls_cert: str | Path | None = None, tls_key: str | Path | None = None,
           allow_remote: bool = False, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-          max_workers: int = 8, state: WorkerState | None = None) -> WorkerServer:
+          max_workers: int = 8, state: WorkerState | None = None, limits: RequestLimits | None = None,
+          max_memory_bytes: int | None = None, max_inflight: int = 64,
+          spool_dir: str | Path | None = None) -> WorkerServer:
     """Start a gRPC worker on ``listen`` and return it (running, non-blocking).
 
     A non-loopback address is refused unless ``allow_remote`` (``coformer worker`` sets it
@@ -296,8 +433,10 @@ def serve(listen: str = "127.0.0.1:0", *, name: str | None = None, threads: int 
                          f"with --listen (and prefer --token and --tls-cert/--tls-key off a trusted network)")
     if threads:
         torch.set_num_threads(threads)
-    state = state or WorkerState(name or f"worker@{listen}", threads=threads)
-    server = WorkerServer(state, token=token, max_message_bytes=max_message_bytes, max_workers=max_workers)
+    state = state or WorkerState(name or f"worker@{listen}", threads=threads, limits=limits,
+                                 max_memory_bytes=max_memory_bytes)
+    server = WorkerServer(state, token=token, max_message_bytes=max_message_bytes, max_workers=max_workers,
+                          max_inflight=max_inflight, spool_dir=spool_dir)
     server.bind(listen, tls_cert=tls_cert, tls_key=tls_key)
     return server.start()
 
@@ -334,7 +473,10 @@ class GrpcClient(WorkerClient):
             max_message_bytes = int(mb) * 1024 * 1024
         ca_path = ca or query.get("ca") or os.environ.get("COFORMER_TLS_CA")
         self.tls = _flag(query.get("tls")) or _flag(os.environ.get("COFORMER_TLS")) or ca_path is not None
-        options = _channel_options(max_message_bytes)
+        # reconnect soon after a worker comes back, so re-admission is not held up by gRPC's own backoff
+        options = _channel_options(max_message_bytes) + [("grpc.initial_reconnect_backoff_ms", 100),
+                                                         ("grpc.min_reconnect_backoff_ms", 100),
+                                                         ("grpc.max_reconnect_backoff_ms", 1000)]
         if self.tls:
             if ca_path is not None and not Path(ca_path).is_file():
                 raise ValueError(f"{uri}: CA certificate {ca_path} not found")
@@ -350,22 +492,38 @@ class GrpcClient(WorkerClient):
             for name, (req, rep) in _METHODS.items()
         }
         self._metadata = ((TOKEN_METADATA_KEY, self.token),) if self.token else None
+        self.max_message_bytes = max_message_bytes
+        self._streams = {"LoadModelStream": self.channel.stream_unary(
+            f"/{SERVICE}/LoadModelStream", request_serializer=pb.LoadModelChunk.SerializeToString,
+            response_deserializer=pb.LoadModelReply.FromString)}
 
     def _call(self, method: str, request: Message, timeout: float) -> Any:
         try:
             return self._calls[method](request, timeout=timeout, metadata=self._metadata)
         except grpc.RpcError as exc:
-            code = exc.code()
-            details = exc.details() or code.name
-            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-                details = f"missed the {timeout:.2f}s deadline"
-            message = f"{self.uri} {method}: {code.name}: {details}"
-            if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in details:
-                message += ("; to allow larger messages, start the worker with `coformer worker --max-message-mb N` "
-                            "and add `?max_message_mb=N` to its URI")
-            if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED):
-                raise GrpcBadRequestError(message, code) from None
-            raise GrpcTransportError(message, code) from None
+            self._raise(exc, method, timeout)
+
+    def _call_stream(self, method: str, requests: Iterator[Message], timeout: float) -> Any:
+        try:
+            return self._streams[method](requests, timeout=timeout, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            self._raise(exc, method, timeout)
+
+    def _raise(self, exc: grpc.RpcError, method: str, timeout: float) -> NoReturn:
+        """Raise the typed error for a failed call (see the module docstring for the mapping)."""
+        code = exc.code()
+        details = exc.details() or code.name
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            details = f"missed the {timeout:.2f}s deadline"
+        message = f"{self.uri} {method}: {code.name}: {details}"
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in details:
+            message += ("; to allow larger messages, start the worker with `coformer worker --max-message-mb N` "
+                        "and add `?max_message_mb=N` to its URI")
+        if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED):
+            raise GrpcBadRequestError(message, code) from None
+        if code == grpc.StatusCode.FAILED_PRECONDITION:
+            raise GrpcModelNotLoadedError(message, code) from None
+        raise GrpcTransportError(message, code) from None
 
     def call_raw(self, method: str, payload: bytes, *, timeout: float = 5.0) -> bytes:
         """Send raw request bytes to ``method`` (diagnostics and robustness tests); errors as in :meth:`infer`."""
@@ -373,11 +531,15 @@ class GrpcClient(WorkerClient):
         try:
             return fn(payload, timeout=timeout, metadata=self._metadata)
         except grpc.RpcError as exc:
-            code = exc.code()
-            message = f"{self.uri} {method}: {code.name}: {exc.details()}"
-            if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED):
-                raise GrpcBadRequestError(message, code) from None
-            raise GrpcTransportError(message, code) from None
+            self._raise(exc, method, timeout)
+
+    def call_raw_stream(self, method: str, payloads: list[bytes], *, timeout: float = 5.0) -> bytes:
+        """Send raw request bytes as a client stream to ``method`` (robustness tests); errors as in :meth:`infer`."""
+        fn = self.channel.stream_unary(f"/{SERVICE}/{method}")
+        try:
+            return fn(iter(payloads), timeout=timeout, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            self._raise(exc, method, timeout)
 
     def wait_ready(self, timeout: float = 10.0) -> None:
         """Block until the channel connects; raises :class:`TransportError` after ``timeout``."""
@@ -391,19 +553,28 @@ class GrpcClient(WorkerClient):
         """Whether the worker holds the sub-model with this sha256."""
         return bool(self._call("HasModel", pb.HasModelRequest(sha256=digest), timeout).has)
 
-    def load(self, artifact: SubModelArtifact, *, timeout: float = 60.0) -> bool:
-        """Ask first with empty weights; send the weights only if the worker lacks them.
+    def load(self, artifact: SubModelArtifact, *, timeout: float = 60.0, memory_limit_bytes: int | None = None) -> bool:
+        """Ask first with empty weights; stream the weights in chunks only if the worker lacks them.
 
-        Returns ``True`` when the worker already held the model (no weights were sent).
+        Returns ``True`` when the worker already held the model (no weights were sent). The
+        stream has no size limit of its own (each chunk stays under the message limit), so
+        models over 2 GB deploy; ``timeout`` bounds the whole transfer and load.
         """
         config_json = json.dumps(artifact.config)
         probe = self._call("LoadModel", pb.LoadModelRequest(sha256=artifact.sha256, config_json=config_json),
                            timeout)
         if probe.cached:
             return True
-        reply = self._call("LoadModel", pb.LoadModelRequest(sha256=artifact.sha256, config_json=config_json,
-                                                            weights=artifact.weights), timeout)
-        return bool(reply.cached)
+        chunk = max(1024, min(LOAD_CHUNK_BYTES, self.max_message_bytes - 64 * 1024))
+        weights = memoryview(artifact.weights)
+
+        def chunks() -> Iterator[pb.LoadModelChunk]:
+            yield pb.LoadModelChunk(sha256=artifact.sha256, config_json=config_json, total_bytes=len(weights),
+                                    memory_limit_bytes=memory_limit_bytes or 0, data=bytes(weights[:chunk]))
+            for off in range(chunk, len(weights), chunk):
+                yield pb.LoadModelChunk(data=bytes(weights[off:off + chunk]))
+
+        return bool(self._call_stream("LoadModelStream", chunks(), timeout).cached)
 
     def infer(self, model_sha256: str, batch: Batch, *, timeout: float = 10.0) -> InferResult:
         """Run the worker's sub-model on ``batch``; fp16 features come back with the compute time."""
@@ -424,13 +595,19 @@ class GrpcClient(WorkerClient):
     def health(self, *, timeout: float = 2.0) -> dict[str, Any]:
         """Liveness, loaded models and counters."""
         r = self._call("Health", pb.HealthRequest(), timeout)
-        return {"ok": r.ok, "name": r.name, "models": list(r.models), "requests": r.requests, "errors": r.errors}
+        return {"ok": r.ok, "name": r.name, "models": list(r.models), "requests": r.requests, "errors": r.errors,
+                "draining": r.draining, "refused": r.refused, "inflight": r.inflight}
 
     def info(self, *, timeout: float = 2.0) -> dict[str, Any]:
         """Versions, loaded models, torch threads, message limit and whether TLS/auth are on."""
         r = self._call("Info", pb.InfoRequest(), timeout)
+        limits = {"max_batch": r.max_batch, "max_tokens": r.max_tokens, "max_pixels": r.max_pixels,
+                  "max_input_bytes": r.max_input_bytes}
         return {"name": r.name, "versions": dict(r.versions), "models": list(r.models), "threads": r.threads,
-                "max_message_bytes": r.max_message_bytes, "tls": r.tls, "auth": r.auth}
+                "max_message_bytes": r.max_message_bytes, "tls": r.tls, "auth": r.auth,
+                "limits": {k: v for k, v in limits.items() if v > 0},
+                "max_memory_bytes": r.max_memory_bytes, "used_memory_bytes": r.used_memory_bytes,
+                "max_inflight": r.max_inflight}
 
     def close(self) -> None:
         """Close the channel."""
@@ -443,7 +620,8 @@ def register_transports(register: Register) -> None:
     register("grpc", GrpcClient)
 
 
-__all__ = ["DEFAULT_MAX_MESSAGE_BYTES", "GrpcBadRequestError", "GrpcClient", "GrpcTransportError",
+__all__ = ["DEFAULT_MAX_MESSAGE_BYTES", "GrpcBadRequestError", "GrpcClient", "GrpcModelNotLoadedError",
+           "GrpcTransportError",
            "WorkerServer", "is_loopback", "serve", "split_hostport"]
 
 

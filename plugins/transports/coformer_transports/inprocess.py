@@ -48,9 +48,10 @@ class InProcessClient(WorkerClient):
             raise ValueError(f"{uri!r}: an in-process worker needs a name, e.g. inproc://device0")
         self.state = worker(name)
 
-    def load(self, artifact: SubModelArtifact, *, timeout: float = 60.0) -> bool:
-        """Load (or find cached) the artifact in the named worker."""
-        return self.state.load(artifact.config, artifact.weights, artifact.sha256)
+    def load(self, artifact: SubModelArtifact, *, timeout: float = 60.0, memory_limit_bytes: int | None = None) -> bool:
+        """Admit and load (or find cached) the artifact in the named worker."""
+        return self.state.load(artifact.config, artifact.weights, artifact.sha256,
+                               memory_limit_bytes=memory_limit_bytes)
 
     def infer(self, model_sha256: str, batch: Batch, *, timeout: float = 10.0) -> InferResult:
         """Run the sub-model in this process."""
@@ -59,6 +60,10 @@ class InProcessClient(WorkerClient):
     def health(self, *, timeout: float = 2.0) -> dict[str, Any]:
         """The worker's counters and loaded models."""
         return self.state.health()
+
+    def info(self, *, timeout: float = 2.0) -> dict[str, Any]:
+        """The worker's loaded models, request limits and memory budget."""
+        return self.state.info()
 
 
 @hookimpl

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0e\x63oformer.proto\x12\x0b\x63oformer.v1\"!\n\x0fHasModelRequest\x12\x0e\n\x06sha256\x18\x01 \x01(\t\"\x1c\n\rHasModelReply\x12\x0b\n\x03has\x18\x01 \x01(\x08\"H\n\x10LoadModelRequest\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\x02 \x01(\t\x12\x0f\n\x07weights\x18\x03 \x01(\x0c\"7\n\x0eLoadModelReply\x12\x0e\n\x06\x63\x61\x63hed\x18\x01 \x01(\x08\x12\x15\n\rneeds_weights\x18\x02 \x01(\x08\"3\n\x0cInferRequest\x12\x14\n\x0cmodel_sha256\x18\x01 \x01(\t\x12\r\n\x05\x62\x61tch\x18\x02 \x01(\x0c\"v\n\nInferReply\x12\x10\n\x08\x66\x65\x61tures\x18\x01 \x01(\x0c\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x12\n\ncompute_ms\x18\x04 \x01(\x01\x12\x0e\n\x06worker\x18\x05 \x01(\t\x12\x14\n\x0cserialize_ms\x18\x06 \x01(\x01\"\x0f\n\rHealthRequest\"Y\n\x0bHealthReply\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0e\n\x06models\x18\x03 \x03(\t\x12\x10\n\x08requests\x18\x04 \x01(\x03\x12\x0e\n\x06\x65rrors\x18\x05 \x01(\x03\"\r\n\x0bInfoRequest\"\xd9\x01\n\tInfoReply\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x36\n\x08versions\x18\x02 \x03(\x0b\x32$.coformer.v1.InfoReply.VersionsEntry\x12\x0e\n\x06models\x18\x03 \x03(\t\x12\x0f\n\x07threads\x18\x04 \x01(\x05\x12\x19\n\x11max_message_bytes\x18\x05 \x01(\x03\x12\x0b\n\x03tls\x18\x06 \x01(\x08\x12\x0c\n\x04\x61uth\x18\x07 \x01(\x08\x1a/\n\rVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x32\xce\x02\n\x06Worker\x12\x44\n\x08HasModel\x12\x1c.coformer.v1.HasModelRequest\x1a\x1a.coformer.v1.HasModelReply\x12G\n\tLoadModel\x12\x1d.coformer.v1.LoadModelRequest\x1a\x1b.coformer.v1.LoadModelReply\x12;\n\x05Infer\x12\x19.coformer.v1.InferRequest\x1a\x17.coformer.v1.InferReply\x12>\n\x06Health\x12\x1a.coformer.v1.HealthRequest\x1a\x18.coformer.v1.HealthReply\x12\x38\n\x04Info\x12\x18.coformer.v1.InfoRequest\x1a\x16.coformer.v1.InfoReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0e\x63oformer.proto\x12\x0b\x63oformer.v1\"!\n\x0fHasModelRequest\x12\x0e\n\x06sha256\x18\x01 \x01(\t\"\x1c\n\rHasModelReply\x12\x0b\n\x03has\x18\x01 \x01(\x08\"d\n\x10LoadModelRequest\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\x02 \x01(\t\x12\x0f\n\x07weights\x18\x03 \x01(\x0c\x12\x1a\n\x12memory_limit_bytes\x18\x04 \x01(\x04\"t\n\x0eLoadModelChunk\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\x02 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x1a\n\x12memory_limit_bytes\x18\x05 \x01(\x04\"7\n\x0eLoadModelReply\x12\x0e\n\x06\x63\x61\x63hed\x18\x01 \x01(\x08\x12\x15\n\rneeds_weights\x18\x02 \x01(\x08\"3\n\x0cInferRequest\x12\x14\n\x0cmodel_sha256\x18\x01 \x01(\t\x12\r\n\x05\x62\x61tch\x18\x02 \x01(\x0c\"v\n\nInferReply\x12\x10\n\x08\x66\x65\x61tures\x18\x01 \x01(\x0c\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x12\n\ncompute_ms\x18\x04 \x01(\x01\x12\x0e\n\x06worker\x18\x05 \x01(\t\x12\x14\n\x0cserialize_ms\x18\x06 \x01(\x01\"\x0f\n\rHealthRequest\"\x8e\x01\n\x0bHealthReply\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0e\n\x06models\x18\x03 \x03(\t\x12\x10\n\x08requests\x18\x04 \x01(\x03\x12\x0e\n\x06\x65rrors\x18\x05 \x01(\x03\x12\x10\n\x08\x64raining\x18\x06 \x01(\x08\x12\x0f\n\x07refused\x18\x07 \x01(\x03\x12\x10\n\x08inflight\x18\x08 \x01(\x03\"\r\n\x0bInfoRequest\"\xf8\x02\n\tInfoReply\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x36\n\x08versions\x18\x02 \x03(\x0b\x32$.coformer.v1.InfoReply.VersionsEntry\x12\x0e\n\x06models\x18\x03 \x03(\t\x12\x0f\n\x07threads\x18\x04 \x01(\x05\x12\x19\n\x11max_message_bytes\x18\x05 \x01(\x03\x12\x0b\n\x03tls\x18\x06 \x01(\x08\x12\x0c\n\x04\x61uth\x18\x07 \x01(\x08\x12\x11\n\tmax_batch\x18\x08 \x01(\x03\x12\x12\n\nmax_tokens\x18\t \x01(\x03\x12\x12\n\nmax_pixels\x18\n \x01(\x03\x12\x17\n\x0fmax_input_bytes\x18\x0b \x01(\x03\x12\x18\n\x10max_memory_bytes\x18\x0c \x01(\x03\x12\x19\n\x11used_memory_bytes\x18\r \x01(\x03\x12\x14\n\x0cmax_inflight\x18\x0e \x01(\x05\x1a/\n\rVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x32\x9d\x03\n\x06Worker\x12\x44\n\x08HasModel\x12\x1c.coformer.v1.HasModelRequest\x1a\x1a.coformer.v1.HasModelReply\x12G\n\tLoadModel\x12\x1d.coformer.v1.LoadModelRequest\x1a\x1b.coformer.v1.LoadModelReply\x12M\n\x0fLoadModelStream\x12\x1b.coformer.v1.LoadModelChunk\x1a\x1b.coformer.v1.LoadModelReply(\x01\x12;\n\x05Infer\x12\x19.coformer.v1.InferRequest\x1a\x17.coformer.v1.InferReply\x12>\n\x06Health\x12\x1a.coformer.v1.HealthRequest\x1a\x18.coformer.v1.HealthReply\x12\x38\n\x04Info\x12\x18.coformer.v1.InfoRequest\x1a\x16.coformer.v1.InfoReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,23 +38,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HASMODELREPLY']._serialized_start=66
   _globals['_HASMODELREPLY']._serialized_end=94
   _globals['_LOADMODELREQUEST']._serialized_start=96
-  _globals['_LOADMODELREQUEST']._serialized_end=168
-  _globals['_LOADMODELREPLY']._serialized_start=170
-  _globals['_LOADMODELREPLY']._serialized_end=225
-  _globals['_INFERREQUEST']._serialized_start=227
-  _globals['_INFERREQUEST']._serialized_end=278
-  _globals['_INFERREPLY']._serialized_start=280
-  _globals['_INFERREPLY']._serialized_end=398
-  _globals['_HEALTHREQUEST']._serialized_start=400
-  _globals['_HEALTHREQUEST']._serialized_end=415
-  _globals['_HEALTHREPLY']._serialized_start=417
-  _globals['_HEALTHREPLY']._serialized_end=506
-  _globals['_INFOREQUEST']._serialized_start=508
-  _globals['_INFOREQUEST']._serialized_end=521
-  _globals['_INFOREPLY']._serialized_start=524
-  _globals['_INFOREPLY']._serialized_end=741
-  _globals['_INFOREPLY_VERSIONSENTRY']._serialized_start=694
-  _globals['_INFOREPLY_VERSIONSENTRY']._serialized_end=741
-  _globals['_WORKER']._serialized_start=744
-  _globals['_WORKER']._serialized_end=1078
+  _globals['_LOADMODELREQUEST']._serialized_end=196
+  _globals['_LOADMODELCHUNK']._serialized_start=198
+  _globals['_LOADMODELCHUNK']._serialized_end=314
+  _globals['_LOADMODELREPLY']._serialized_start=316
+  _globals['_LOADMODELREPLY']._serialized_end=371
+  _globals['_INFERREQUEST']._serialized_start=373
+  _globals['_INFERREQUEST']._serialized_end=424
+  _globals['_INFERREPLY']._serialized_start=426
+  _globals['_INFERREPLY']._serialized_end=544
+  _globals['_HEALTHREQUEST']._serialized_start=546
+  _globals['_HEALTHREQUEST']._serialized_end=561
+  _globals['_HEALTHREPLY']._serialized_start=564
+  _globals['_HEALTHREPLY']._serialized_end=706
+  _globals['_INFOREQUEST']._serialized_start=708
+  _globals['_INFOREQUEST']._serialized_end=721
+  _globals['_INFOREPLY']._serialized_start=724
+  _globals['_INFOREPLY']._serialized_end=1100
+  _globals['_INFOREPLY_VERSIONSENTRY']._serialized_start=1053
+  _globals['_INFOREPLY_VERSIONSENTRY']._serialized_end=1100
+  _globals['_WORKER']._serialized_start=1103
+  _globals['_WORKER']._serialized_end=1516
 # @@protoc_insertion_point(module_scope)

@@ -44,6 +44,11 @@ class WorkerStub:
                 request_serializer=coformer__pb2.LoadModelRequest.SerializeToString,
                 response_deserializer=coformer__pb2.LoadModelReply.FromString,
                 _registered_method=True)
+        self.LoadModelStream = channel.stream_unary(
+                '/coformer.v1.Worker/LoadModelStream',
+                request_serializer=coformer__pb2.LoadModelChunk.SerializeToString,
+                response_deserializer=coformer__pb2.LoadModelReply.FromString,
+                _registered_method=True)
         self.Infer = channel.unary_unary(
                 '/coformer.v1.Worker/Infer',
                 request_serializer=coformer__pb2.InferRequest.SerializeToString,
@@ -74,6 +79,15 @@ class WorkerServicer:
     def LoadModel(self, request, context):
         """Load a sub-model. With empty `weights` the worker only answers whether it has it
         (cached=true) or needs the weights (needs_weights=true): nothing is resent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LoadModelStream(self, request_iterator, context):
+        """Load a sub-model sent as a stream of chunks (any size, even over 2 GB). The first chunk
+        carries sha256, config_json and total_bytes; the worker hashes as chunks arrive, checks the
+        config against the weights' header as soon as it has arrived, and refuses early.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -111,6 +125,11 @@ def add_WorkerServicer_to_server(servicer, server):
             'LoadModel': grpc.unary_unary_rpc_method_handler(
                     servicer.LoadModel,
                     request_deserializer=coformer__pb2.LoadModelRequest.FromString,
+                    response_serializer=coformer__pb2.LoadModelReply.SerializeToString,
+            ),
+            'LoadModelStream': grpc.stream_unary_rpc_method_handler(
+                    servicer.LoadModelStream,
+                    request_deserializer=coformer__pb2.LoadModelChunk.FromString,
                     response_serializer=coformer__pb2.LoadModelReply.SerializeToString,
             ),
             'Infer': grpc.unary_unary_rpc_method_handler(
@@ -182,6 +201,33 @@ class Worker:
             target,
             '/coformer.v1.Worker/LoadModel',
             coformer__pb2.LoadModelRequest.SerializeToString,
+            coformer__pb2.LoadModelReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadModelStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/coformer.v1.Worker/LoadModelStream',
+            coformer__pb2.LoadModelChunk.SerializeToString,
             coformer__pb2.LoadModelReply.FromString,
             options,
             channel_credentials,
