@@ -41,7 +41,7 @@ def _options_of(factory: Callable[..., Any]) -> tuple[dict[str, inspect.Paramete
     params = {n: p for n, p in inspect.signature(factory).parameters.items()
               if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
     hints: dict[str, Any] = {}
-    targets = [factory.__init__, factory] if isinstance(factory, type) else [factory]
+    targets: list[Any] = [getattr(factory, "__init__"), factory] if isinstance(factory, type) else [factory]
     for target in targets:  # a dataclass's own annotations last: they win
         try:
             hints.update(typing.get_type_hints(target))
@@ -94,7 +94,7 @@ def create_source(uri: str, **options: Any) -> DatasetSource:
     if unknown:
         raise DatasetOptionError(f"data set {name!r} has no option(s) {unknown}; its options: {', '.join(accepted)}")
     kwargs: dict[str, Any] = {k: _coerce(v, hints.get(k, str), k, name) for k, v in query.items()}
-    kwargs.update(options)
+    kwargs.update({k: _coerce(v, hints.get(k, str), k, name) if isinstance(v, str) else v for k, v in options.items()})
     if location is not None:
         if "location" not in params:
             raise DatasetOptionError(f"data set {name!r} takes no location; use {name!r} or {name}?OPTION=VALUE, "

@@ -41,7 +41,8 @@ def _text_rows(n_per_class: int = 10, classes: tuple[str, ...] = ("sport", "tech
     return [(f"{c} example {i}, with a comma", c) for c in classes for i in range(n_per_class)]
 
 
-def _png_folder(root: Path, layout: dict[str, int], size: tuple[int, int] = (6, 5), seed: int = 0) -> dict[Path, torch.Tensor]:
+def _png_folder(root: Path, layout: dict[str, int], size: tuple[int, int] = (6, 5),
+                seed: int = 0) -> dict[Path, torch.Tensor]:
     """Write random RGB PNGs: ``layout`` maps a relative class folder to its image count."""
     from torchvision.io import write_png
 
@@ -177,6 +178,7 @@ def test_uri_options_are_typed_and_the_name_is_canonical(tmp_path: Path, monkeyp
     rel = coformer.create_dataset("csv:d.csv?label=y&text=body")
     assert rel.uri == f"csv:{tmp_path / 'd.csv'}?label=y&text=body"  # a relative path is resolved
     assert coformer.create_dataset("csv:d.csv", text="body", label="y").uri == rel.uri
+    assert coformer.create_dataset("bbc_news", root=str(tmp_path), seed="2").root == tmp_path  # typed from str too
 
 
 # ----------------------------------------------------------------------------- the one split helper
@@ -304,7 +306,8 @@ def test_csv_without_splits_is_split_stratified_and_labels_sort_numerically(tmp_
     ("text,label\nok,a\nshort\n", r"bad\.csv, line 3: 1 fields but the header has 2"),
     ("text,label\nok,a\n,b\n", r"bad\.csv, line 3, column 1 \('text'\): empty or non-text value"),
     ("text,label\nok,a\nfine,\n", r"bad\.csv, line 3, column 2 \('label'\): the label '' is empty"),
-    ("body,label\nok,a\n", r"bad\.csv, line 1: no column 'text' for the text \(columns: body, label\); pass text=COLUMN"),
+    ("body,label\nok,a\n",
+     r"bad\.csv, line 1: no column 'text' for the text \(columns: body, label\); pass text=COLUMN"),
     ("text,label,split\nok,a,train\nno,b,holdout\n", r"line 3, column 3 \('split'\): split 'holdout' is not train"),
     ('text,label\nok,a\n"unterminated,b\n', r"bad\.csv, line \d+: unexpected end of data"),
     ("", r"bad\.csv: is empty; it needs a header row"),

@@ -182,7 +182,8 @@ def test_a_failing_register_hook_is_reported_and_breaks_nothing_else():
 
 
 def test_a_misspelled_hook_is_refused_with_a_suggestion():
-    with pytest.raises(ValueError, match="'register_backbone' is not a coformer hook; did you mean 'register_backbones'"):
+    with pytest.raises(ValueError,
+                       match="'register_backbone' is not a coformer hook; did you mean 'register_backbones'"):
         coformer.register_plugin(_MisspelledPlugin(), name="misspelled-test")
     from coformer.plugins import get_plugin_manager
 
