@@ -54,6 +54,17 @@ def register_transports(register: Register) -> None:
 
 
 @hookspec
+def register_datasets(register: Register) -> None:
+    """Register data sets, by name (``bbc_news``) or by URI scheme (``csv`` for ``csv:PATH?text=..``).
+
+    ``factory(**options)`` returns a :class:`coformer.data.DatasetSource`; its typed
+    parameters are the options a URI's query may set (``name?max_size=500``), and a
+    ``location`` parameter takes what follows ``name:``. Load it with
+    :func:`coformer.load_dataset`.
+    """
+
+
+@hookspec
 def register_commands(cli: Any) -> None:
     """Add sub-commands to the ``coformer`` command line.
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ import torch
 import coformer
 from coformer import hookimpl
 from coformer.booster import BoosterConfig, calibrate
-from coformer.data import TensorDataset
+from coformer.data import DatasetSource, LabelledExamples, TensorDataset
 from coformer.decompose import proportional_specs
 from coformer.evaluator import Evaluator
 from coformer.search import SearchStrategy
@@ -47,6 +48,19 @@ class OneShot(SearchStrategy):
         return self.result(evaluator, records)
 
 
+@dataclass(kw_only=True)
+class ThreeTopics(DatasetSource):
+    """A 'new data set': short texts on three topics, ``per_class`` of each."""
+
+    per_class: int = 10
+
+    def read(self) -> LabelledExamples:
+        """Every text once; no fixed splits."""
+        topics = ["weather", "football", "cooking"]
+        texts = [f"{t} note {i}" for t in topics for i in range(self.per_class)]
+        return LabelledExamples(topics, texts, [y for y in range(3) for _ in range(self.per_class)])
+
+
 class Recorder:
     """Implements every hook spec; the notification hooks record what they saw."""
 
@@ -68,6 +82,10 @@ class Recorder:
     @hookimpl
     def register_transports(self, register):
         register("loop", LoopClient)
+
+    @hookimpl
+    def register_datasets(self, register):
+        register("three_topics", ThreeTopics)
 
     @hookimpl
     def register_commands(self, cli):
@@ -121,8 +139,10 @@ def recorder():
 def test_every_hook_of_a_runtime_plugin_is_used(recorder):
     backbone = coformer.create_backbone("tinybert")
     teacher = backbone.load(num_labels=3)
-    batch = backbone.example_batch(teacher, batch_size=8)
-    val = TensorDataset(batch, torch.randint(0, 3, (8,)))
+    data = coformer.load_dataset("three_topics?per_class=12&max_size=20")  # the plugin's data set, by URI
+    assert data.classes == ["weather", "football", "cooking"] and data.name == "three_topics?max_size=20&per_class=12"
+    batch = backbone.prepare(teacher, data.train.examples[:8])
+    val = TensorDataset(batch, torch.tensor(data.train.labels[:8]))
     devices = [DeviceProfile("a", 1, 10, 5), DeviceProfile("b", 1, 20, 5)]
 
     # search strategy + trial notifications

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from coformer.data import DatasetUnavailableError
-from coformer.vision_data import (FASHION_MNIST_DIR, load_digits_images, load_fashion_mnist, read_idx,
-                                  stratified_subset)
+from coformer.vision_data import FASHION_MNIST_DIR, load_digits_images, load_fashion_mnist, stratified_subset
+from coformer_datasets.fashion_mnist import read_idx
 
 
 def test_read_idx_round_trip(tmp_path) -> None:
