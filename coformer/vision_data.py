@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from coformer.data import DatasetUnavailableError, RawDataset, RawSplit, stratified_split
+from coformer.data import SPLIT_SEED, DatasetUnavailableError, RawDataset, RawSplit, stratified_split
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -68,7 +68,7 @@ def _split(images: Tensor, labels: Tensor, idx: list[int]) -> RawSplit:
     return RawSplit(images[ix], labels[ix].tolist())
 
 
-def load_fashion_mnist(root: str | Path | None = None, *, val_fraction: float = 0.1, seed: int = 0,
+def load_fashion_mnist(root: str | Path | None = None, *, val_fraction: float = 0.1, seed: int = SPLIT_SEED,
                        train_size: int | None = None, val_size: int | None = None,
                        test_size: int | None = None) -> RawDataset:
     """Fashion-MNIST: the official 10k test set, and the 60k train set split stratified into train/val.
