@@ -3,12 +3,17 @@
 Fine-tune the teacher's task head (cached), decompose into one sub-model per device (sized in
 proportion to device compute, or from a ``coformer plan`` directory), calibrate by progressive
 boosting distillation, train the aggregator, run the test split through an in-process cluster,
-and report teacher / each sub-model / CoFormer side by side.
+and report teacher / each sub-model / CoFormer side by side. The same flow with N = 1 builds
+the ``compressed`` alternative (:mod:`coformer.compressed`), packaged in ``<out>/compressed/``.
+
+The plan directory records the teacher it was calibrated from (``plan.json``'s ``teacher``:
+sha256 of the saved teacher, data set, path), which ``coformer bench`` checks.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,17 +27,22 @@ from rich.table import Table
 from coformer import open_transport, registry
 from coformer.aggregator import Aggregator
 from coformer.artifacts import save_plan, submodel_artifact
+from coformer.backbone import Backbone, SubModel
 from coformer.booster import BoosterConfig, calibrate, submodel_features, train_aggregator
+from coformer.compressed import COMPRESSED_DIR, compressed_policy, search_settings
 from coformer.data import RawDataset, load_bbc_news
 from coformer.decompose import proportional_specs
 from coformer.measure import count_flops, count_params
+from coformer.heads import StudentHead
 from coformer.pipeline import (
     Figures,
+    Teacher,
     accuracy,
     decompose_policy,
     median_latency_ms,
     prepare_teacher,
     teacher_figures,
+    teacher_record,
 )
 from coformer.runtime import Coordinator
 from coformer.spec import ConstraintError, Policy, Violation, resolve_devices
@@ -86,11 +96,55 @@ class DemoResult:
     plan_dir: Path
     seconds: float
     meta: dict[str, Any]
+    compressed: Figures | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """The ``--json`` document: keys ``teacher``, ``submodels``, ``coformer`` (+ ``meta``)."""
+        """The ``--json`` document: keys ``teacher``, ``submodels``, ``coformer``, ``compressed`` (+ ``meta``)."""
         return {"teacher": self.teacher.to_dict(), "submodels": [s.to_dict() for s in self.submodels],
-                "coformer": self.coformer.to_dict(), "seconds": round(self.seconds, 1), "meta": self.meta}
+                "coformer": self.coformer.to_dict(),
+                "compressed": self.compressed.to_dict() if self.compressed else None,
+                "seconds": round(self.seconds, 1), "meta": self.meta}
+
+
+@dataclass
+class Calibrated:
+    """A policy's calibrated sub-models, their student heads, the trained aggregator and measured costs."""
+
+    policy: Policy
+    submodels: list[SubModel]
+    students: list[StudentHead]
+    aggregator: Aggregator
+    costs: list[Any]
+    test_features: list[torch.Tensor]
+
+
+def calibrate_policy(backbone: Backbone, teacher: Teacher, policy: Policy, config: BoosterConfig,
+                     aggregator_name: str) -> Calibrated:
+    """Decompose ``policy``, calibrate its sub-models (booster) and train the aggregator on their features."""
+    parts = decompose_policy(backbone, teacher, policy)
+    hard = teacher.train_logits.argmax(-1)
+    result = calibrate(backbone, teacher.model, parts.submodels, teacher.train, config=config, teacher_labels=hard)
+    submodels, students = result.submodels, result.student_heads
+    feats = {split: submodel_features(submodels, getattr(teacher, split)) for split in ("train", "test")}
+    aggregator: Aggregator = registry.create(
+        "aggregator", aggregator_name, feature_dims=[m.feature_dim for m in submodels],
+        embed_dim=backbone.shape(teacher.model).embed_dim, task_head=backbone.task_head(teacher.model),
+        student_heads=students)
+    train_aggregator(aggregator, feats["train"], teacher.train.labels, config=config, teacher_labels=hard)
+    return Calibrated(policy, submodels, students, aggregator.eval(), parts.costs, feats["test"])
+
+
+def _compressed_figures(cal: Calibrated, teacher: Teacher, repeats: int) -> Figures:
+    one = teacher.test.batch([0])
+    (m,) = cal.submodels
+    with torch.inference_mode():
+        acc = accuracy(cal.aggregator(cal.test_features), teacher.test.labels)
+    fwd = lambda: cal.aggregator([m(**one)])  # noqa: E731
+    return Figures(f"compressed ({cal.policy.devices[0].name})", acc,
+                   cal.costs[0].params + count_params(cal.aggregator), float(count_flops(fwd)),
+                   median_latency_ms(fwd, repeats=repeats),
+                   {"device": cal.policy.devices[0].name, "spec": cal.policy.specs[0].to_dict(),
+                    "policy_source": cal.policy.meta.get("source")})
 
 
 class _Stopwatch:
@@ -125,6 +179,7 @@ def run_demo(
     layers: int | None = None,
     load_options: dict[str, Any] | None = None,
     latency_repeats: int = 30,
+    compressed: bool = True,
     console: Console | None = None,
 ) -> DemoResult:
     """Run the demo flow and return its figures (see module docstring).
@@ -134,6 +189,8 @@ def run_demo(
     teacher's layers (its most important ones): fewer layers, faster sub-models.
     Calibration uses ``config`` when given, otherwise the backbone's ``calibration_defaults``
     with ``booster_overrides`` on top (:meth:`BoosterConfig.for_backbone`).
+    ``compressed`` also builds the single-model alternative (same rule with N = 1, same
+    calibration budget) into ``<out>/compressed/`` for ``coformer bench``.
     """
     if plan is not None and layers is not None:
         raise ValueError("layers applies to the proportional policy; a plan directory already fixes each "
@@ -164,8 +221,10 @@ def run_demo(
     stage(f"teacher {backbone_name} {'loaded from cache' if teacher.cached else 'fine-tuned'} ({teacher.path})")
 
     shape = backbone.shape(teacher.model)
+    search = None
     if plan is not None:
         policy = load_policy(plan)
+        search = search_settings(plan)
     else:
         profiles = resolve_devices(devices)
         if layers is not None and not 1 <= layers <= shape.layers:
@@ -176,24 +235,14 @@ def run_demo(
         source_note = "proportional to device GFLOPS" + (f", {layers} layers each" if layers else "")
         policy = Policy(specs, profiles, {"source": source_note})
     one = teacher.test.batch([0])
-    parts = decompose_policy(backbone, teacher, policy)
-    costs = parts.costs
-    stage(f"decomposed into {len(parts.submodels)} sub-models ({policy.meta.get('source', 'planned policy')})")
-
-    hard = teacher.train_logits.argmax(-1)
-    result = calibrate(backbone, teacher.model, parts.submodels, teacher.train, config=config, teacher_labels=hard)
-    submodels, students = result.submodels, result.student_heads
-    distil = f", feature distillation β={config.feature_weight:g}" if config.feature_weight else ""
-    stage(f"calibrated ({config.epochs} epoch(s) per sub-model, {config.weight_rule} weight rule{distil})")
-
-    feats = {split: submodel_features(submodels, getattr(teacher, split)) for split in ("train", "test")}
+    cal = calibrate_policy(backbone, teacher, policy, config, aggregator_name)
+    submodels, students, aggregator, costs = cal.submodels, cal.students, cal.aggregator, cal.costs
+    feats = {"test": cal.test_features}
     task_head = backbone.task_head(teacher.model)
-    aggregator: Aggregator = registry.create(
-        "aggregator", aggregator_name, feature_dims=[m.feature_dim for m in submodels],
-        embed_dim=shape.embed_dim, task_head=task_head, student_heads=students)
-    train_aggregator(aggregator, feats["train"], teacher.train.labels, config=config, teacher_labels=hard)
-    aggregator.eval()
-    stage(f"aggregator {aggregator_name} trained")
+    distil = f", feature distillation β={config.feature_weight:g}" if config.feature_weight else ""
+    stage(f"decomposed into {len(submodels)} sub-models ({policy.meta.get('source', 'planned policy')}), "
+          f"calibrated ({config.epochs} epoch(s) per sub-model, {config.weight_rule} weight rule{distil}), "
+          f"aggregator {aggregator_name} trained")
 
     labels = teacher.test.labels
     t_fig = teacher_figures(backbone, teacher, one, latency_repeats)
@@ -218,16 +267,30 @@ def run_demo(
                      sum(c.flops for c in costs) + agg_flops, co_latency,
                      {"aggregator": aggregator_name, "weight_rule": config.weight_rule})
 
+    c_fig = None
+    record = teacher_record(teacher.path, backbone_name, data.name)
+    plan_meta = {"backbone": backbone_name, "source": source, "load_options": load_options,
+                 "classes": data.classes, "dataset": data.name, "teacher": record}
+    shutil.rmtree(Path(out) / COMPRESSED_DIR, ignore_errors=True)  # never leave a stale one beside a new plan
+    if compressed:
+        c_cal = calibrate_policy(backbone, teacher, compressed_policy(backbone, teacher, policy.devices,
+                                                                      layers=layers, search=search),
+                                 config, aggregator_name)
+        c_fig = _compressed_figures(c_cal, teacher, latency_repeats)
+        save_plan(Path(out) / COMPRESSED_DIR, submodels=c_cal.submodels, aggregator=c_cal.aggregator,
+                  task_head=task_head, student_heads=c_cal.students,
+                  meta={**plan_meta, "policy": c_cal.policy.to_dict(), "figures": {"compressed": c_fig.to_dict()}})
+        stage(f"compressed alternative calibrated ({c_cal.policy.meta.get('source')}) for {c_fig.extra['device']}")
+
     meta = {"backbone": backbone_name, "dataset": data.name, "classes": data.classes, "load_options": load_options,
-            "test_size": len(labels), "policy": policy.to_dict(), "seed": seed,
+            "test_size": len(labels), "policy": policy.to_dict(), "seed": seed, "teacher": record,
             "booster": {k: str(v) for k, v in vars(config).items()}}
+    figures = {"teacher": t_fig.to_dict(), "submodels": [s.to_dict() for s in sub_figs], "coformer": co_fig.to_dict()}
+    if c_fig is not None:
+        figures["compressed"] = c_fig.to_dict()
     plan_dir = save_plan(out, submodels=submodels, aggregator=aggregator, task_head=task_head,
-                         student_heads=students,
-                         meta={"backbone": backbone_name, "source": source, "load_options": load_options,
-                               "classes": data.classes, "dataset": data.name, "policy": policy.to_dict(),
-                               "figures": {"teacher": t_fig.to_dict(), "submodels": [s.to_dict() for s in sub_figs],
-                                           "coformer": co_fig.to_dict()}})
-    return DemoResult(t_fig, sub_figs, co_fig, plan_dir, time.perf_counter() - started, meta)
+                         student_heads=students, meta={**plan_meta, "policy": policy.to_dict(), "figures": figures})
+    return DemoResult(t_fig, sub_figs, co_fig, plan_dir, time.perf_counter() - started, meta, c_fig)
 
 
 def render(result: DemoResult, console: Console) -> None:
@@ -236,7 +299,7 @@ def render(result: DemoResult, console: Console) -> None:
                         f"(test split, {result.meta['test_size']} samples)")
     for col in ("model", "accuracy %", "params (M)", "GFLOPs", "median latency (ms)"):
         table.add_column(col, justify="left" if col == "model" else "right")
-    rows = [result.teacher, *result.submodels, result.coformer]
+    rows = [result.teacher, *result.submodels, result.coformer, *([result.compressed] if result.compressed else [])]
     for fig in rows:
         style = "bold green" if fig is result.coformer else None
         table.add_row(fig.name, f"{fig.accuracy:.2f}", f"{fig.params / 1e6:.2f}", f"{fig.flops / 1e9:.3f}",
