@@ -146,3 +146,27 @@ def test_bench_measures_coformer_and_compressed_through_the_runtime(demo: dict[s
     assert runs[("compressed", 1000.0)]["speedup_vs_teacher"] > 0
     table = (tmp_path / "out" / "bench.md").read_text()
     assert table.count("| compressed |") == 2 and "accuracy of compressed" in table
+
+
+def test_a_searched_policy_gets_a_compressed_model_from_the_same_search_with_one_device(
+        demo: dict[str, Any], tmp_path: Path) -> None:
+    from coformer.compressed import compressed_policy, search_settings
+
+    record = load_plan(demo["root"] / "plan").meta["teacher"]
+    backbone = demo["backbone"]
+    data = load_bbc_news()
+    data.train, data.val, data.test = _slice(data.train, 30), _slice(data.val, 12), _slice(data.test, 4)
+    teacher = prepare_teacher(backbone, data, source=record["path"], cache=tmp_path / "cache")
+    # what `coformer plan --strategy random --trials 3 --val-docs 8 --delta 0.2` writes (the parts used)
+    (tmp_path / "plan.json").write_text(json.dumps({
+        "strategy": "random", "delta": 0.2, "link_mbps": None, "validation": {"val_docs": 8},
+        "trials": [{"feasible": True}, {"feasible": False}, {"feasible": True}, {"feasible": True}]}))
+    settings = search_settings(tmp_path)
+    assert settings is not None and (settings["strategy"], settings["trials"], settings["val_docs"]) == ("random", 3, 8)
+    devices = resolve_devices("jetson-nano,jetson-tx2,orin-nano")
+    policy = compressed_policy(backbone, teacher, devices, search=settings)
+    assert [d.name for d in policy.devices] == ["jetson-tx2"] and len(policy.specs) == 1
+    assert policy.meta["strategy"] == "random" and "N = 1, 3 trials" in policy.meta["source"]
+    shape = backbone.shape(teacher.model)
+    assert 1 <= policy.specs[0].layers <= shape.layers and policy.specs[0].embed_dim <= shape.embed_dim
+    assert search_settings(demo["root"] / "plan") is None  # a demo plan's proportional policy was not searched
