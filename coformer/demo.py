@@ -116,6 +116,7 @@ class Calibrated:
     aggregator: Aggregator
     costs: list[Any]
     test_features: list[torch.Tensor]
+    val_features: list[torch.Tensor]
 
 
 def calibrate_policy(backbone: Backbone, teacher: Teacher, policy: Policy, config: BoosterConfig,
@@ -125,13 +126,13 @@ def calibrate_policy(backbone: Backbone, teacher: Teacher, policy: Policy, confi
     hard = teacher.train_logits.argmax(-1)
     result = calibrate(backbone, teacher.model, parts.submodels, teacher.train, config=config, teacher_labels=hard)
     submodels, students = result.submodels, result.student_heads
-    feats = {split: submodel_features(submodels, getattr(teacher, split)) for split in ("train", "test")}
+    feats = {split: submodel_features(submodels, getattr(teacher, split)) for split in ("train", "val", "test")}
     aggregator: Aggregator = registry.create(
         "aggregator", aggregator_name, feature_dims=[m.feature_dim for m in submodels],
         embed_dim=backbone.shape(teacher.model).embed_dim, task_head=backbone.task_head(teacher.model),
         student_heads=students)
     train_aggregator(aggregator, feats["train"], teacher.train.labels, config=config, teacher_labels=hard)
-    return Calibrated(policy, submodels, students, aggregator.eval(), parts.costs, feats["test"])
+    return Calibrated(policy, submodels, students, aggregator.eval(), parts.costs, feats["test"], feats["val"])
 
 
 def _compressed_figures(cal: Calibrated, teacher: Teacher, repeats: int) -> Figures:
@@ -139,12 +140,13 @@ def _compressed_figures(cal: Calibrated, teacher: Teacher, repeats: int) -> Figu
     (m,) = cal.submodels
     with torch.inference_mode():
         acc = accuracy(cal.aggregator(cal.test_features), teacher.test.labels)
+        val_acc = accuracy(cal.aggregator(cal.val_features), teacher.val.labels)
     fwd = lambda: cal.aggregator([m(**one)])  # noqa: E731
     return Figures(f"compressed ({cal.policy.devices[0].name})", acc,
                    cal.costs[0].params + count_params(cal.aggregator), float(count_flops(fwd)),
                    median_latency_ms(fwd, repeats=repeats),
-                   {"device": cal.policy.devices[0].name, "spec": cal.policy.specs[0].to_dict(),
-                    "policy_source": cal.policy.meta.get("source")})
+                   {"val_accuracy": round(val_acc, 2), "device": cal.policy.devices[0].name,
+                    "spec": cal.policy.specs[0].to_dict(), "policy_source": cal.policy.meta.get("source")})
 
 
 class _Stopwatch:
@@ -237,7 +239,7 @@ def run_demo(
     one = teacher.test.batch([0])
     cal = calibrate_policy(backbone, teacher, policy, config, aggregator_name)
     submodels, students, aggregator, costs = cal.submodels, cal.students, cal.aggregator, cal.costs
-    feats = {"test": cal.test_features}
+    feats = {"test": cal.test_features, "val": cal.val_features}
     task_head = backbone.task_head(teacher.model)
     distil = f", feature distillation β={config.feature_weight:g}" if config.feature_weight else ""
     stage(f"decomposed into {len(submodels)} sub-models ({policy.meta.get('source', 'planned policy')}), "
@@ -246,16 +248,20 @@ def run_demo(
 
     labels = teacher.test.labels
     t_fig = teacher_figures(backbone, teacher, one, latency_repeats)
+    t_fig.extra["val_accuracy"] = round(accuracy(teacher.val_logits, teacher.val.labels), 2)
     sub_figs = []
     for n, (m, head) in enumerate(zip(submodels, students)):
         with torch.inference_mode():
             acc = accuracy(head(feats["test"][n]), labels)
+            val_acc = accuracy(head(feats["val"][n]), teacher.val.labels)
         fwd = lambda m=m, head=head: head(m(**one))  # noqa: E731
         sub_figs.append(Figures(f"sub-model {n} ({policy.devices[n].name})", acc, costs[n].params,
                                 float(count_flops(fwd)), median_latency_ms(fwd, repeats=latency_repeats),
-                                {"device": policy.devices[n].name, "spec": policy.specs[n].to_dict()}))
+                                {"val_accuracy": round(val_acc, 2), "device": policy.devices[n].name,
+                                 "spec": policy.specs[n].to_dict()}))
     with torch.inference_mode():
         co_acc = accuracy(aggregator(feats["test"]), labels)
+        co_val = accuracy(aggregator(feats["val"]), teacher.val.labels)
 
     clients = [open_transport(f"inproc://demo-{n}") for n in range(len(submodels))]
     coord = Coordinator.deploy(clients, [submodel_artifact(m) for m in submodels], aggregator,
@@ -265,7 +271,8 @@ def run_demo(
     agg_flops = float(count_flops(lambda: aggregator([f[:1] for f in feats["test"]])))
     co_fig = Figures("CoFormer", co_acc, sum(c.params for c in costs) + count_params(aggregator),
                      sum(c.flops for c in costs) + agg_flops, co_latency,
-                     {"aggregator": aggregator_name, "weight_rule": config.weight_rule})
+                     {"val_accuracy": round(co_val, 2), "aggregator": aggregator_name,
+                      "weight_rule": config.weight_rule})
 
     c_fig = None
     record = teacher_record(teacher.path, backbone_name, data.name)
@@ -296,13 +303,14 @@ def run_demo(
 def render(result: DemoResult, console: Console) -> None:
     """Print the demo's side-by-side table."""
     table = Table(title=f"CoFormer demo — {result.meta['backbone']} on {result.meta['dataset']} "
-                        f"(test split, {result.meta['test_size']} samples)")
-    for col in ("model", "accuracy %", "params (M)", "GFLOPs", "median latency (ms)"):
+                        f"(test split, {result.meta['test_size']} samples; choose settings on val.)")
+    for col in ("model", "accuracy %", "val. accuracy %", "params (M)", "GFLOPs", "median latency (ms)"):
         table.add_column(col, justify="left" if col == "model" else "right")
     rows = [result.teacher, *result.submodels, result.coformer, *([result.compressed] if result.compressed else [])]
     for fig in rows:
         style = "bold green" if fig is result.coformer else None
-        table.add_row(fig.name, f"{fig.accuracy:.2f}", f"{fig.params / 1e6:.2f}", f"{fig.flops / 1e9:.3f}",
+        val = fig.extra.get("val_accuracy")
+        table.add_row(fig.name, f"{fig.accuracy:.2f}", "-" if val is None else f"{val:.2f}", f"{fig.params / 1e6:.2f}", f"{fig.flops / 1e9:.3f}",
                       f"{fig.latency_ms:.1f}", style=style)
     console.print(table)
     console.print(f"plan directory: {result.plan_dir}   total time: {result.seconds:.0f} s")

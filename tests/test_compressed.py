@@ -77,6 +77,9 @@ def test_demo_packages_the_compressed_alternative_and_records_its_teacher(demo: 
     doc = result.to_dict()
     assert doc["compressed"]["device"] == "jetson-tx2" and 0 <= doc["compressed"]["accuracy"] <= 100
     assert plan.figures["compressed"] == doc["compressed"]
+    # every figure also carries its validation accuracy, the one settings are chosen on
+    for fig in [doc["teacher"], *doc["submodels"], doc["coformer"], doc["compressed"]]:
+        assert 0 <= fig["val_accuracy"] <= 100
 
 
 def test_bench_uses_the_teacher_the_plan_was_calibrated_from_not_the_newest(demo: dict[str, Any],
