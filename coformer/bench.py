@@ -1,4 +1,4 @@
-"""``coformer bench``: teacher, CoFormer, pipeline and tensor-parallel splits side by side, per link rate.
+"""``coformer bench``: teacher, CoFormer, compressed, pipeline and tensor-parallel side by side, per link rate.
 
 Every method runs over the same workers and transport (:mod:`coformer.baselines`). Per method
 and link rate the bench records, over ``requests`` requests of ``batch_size`` test examples
@@ -15,8 +15,9 @@ each (1 by default) after ``warmup``:
 * payload bytes per request (serialized request batches + fp16 responses, every round);
 * module memory per device: weights + measured peak activations of one call (coformer.measure),
   and, on the testbed, each worker process's peak RSS (VmHWM) at the end (all methods loaded);
-* accuracy: the teacher on the test split; CoFormer from the plan's figures (or recomputed);
-  pipeline and tensor-parallel are exact, so their accuracy is the teacher's — *verified* by
+* accuracy: the teacher on the test split; CoFormer and ``compressed`` *measured through the
+  deployed runtime* (coordinator + the bench's workers and transport) on the test split, never
+  copied from the plan's figures; pipeline and tensor-parallel are exact, so their accuracy is the teacher's — *verified* by
   their agreement with the teacher's predictions on the requests actually sent (a backbone
   without pipeline stages or tensor-parallel shards is benched without that baseline, and the
   document's ``skipped_methods`` says why);
@@ -54,7 +55,9 @@ from coformer.data import TensorDataset
 from coformer.spec import DeviceProfile
 from coformer.transport import WorkerClient
 
-METHODS = ("teacher", "coformer", "pipeline", "tensor-parallel")
+METHODS = ("teacher", "coformer", "compressed", "pipeline", "tensor-parallel")
+#: examples per request when measuring accuracy through the runtime (latency uses ``batch_size``)
+ACCURACY_BATCH = 32
 
 
 @dataclass
@@ -189,15 +192,32 @@ def teacher_logits(backbone: Backbone, teacher: torch.nn.Module, data: TensorDat
     return torch.cat([head(backbone.features(teacher, b)) for _, b in data.batches(batch_size)])
 
 
-@torch.inference_mode()
-def coformer_logits(method: CoFormerMethod, data: TensorDataset, batch_size: int = 32) -> Tensor:
-    """CoFormer's logits over a dataset, recomputed locally from the plan's sub-models and aggregator."""
-    method.module_memory(data.batch([0]))  # rebuilds the sub-models locally
-    assert method.submodels is not None
-    outs = []
-    for _, b in data.batches(batch_size):
-        outs.append(method.aggregator([m(**b).half().float() for m in method.submodels]))
-    return torch.cat(outs)
+def runtime_accuracy(method: Method, data: TensorDataset, *, batch_size: int = ACCURACY_BATCH,
+                     timeout: float = 300.0) -> float:
+    """Top-1 accuracy (%) of a *deployed* method over ``data``: every example through its workers."""
+    correct = 0
+    for idx, batch in data.batches(batch_size):
+        logits = method.infer(batch, timeout=timeout).logits
+        correct += int((logits.argmax(-1) == data.labels[idx]).sum())
+    return 100.0 * correct / len(data)
+
+
+def _strongest_index(devices: Sequence[DeviceProfile]) -> int:
+    return max(range(len(devices)), key=lambda i: devices[i].gflops)
+
+
+def compressed_method(compressed: Any, clients: Sequence[WorkerClient],
+                      devices: Sequence[DeviceProfile]) -> CoFormerMethod:
+    """The ``compressed`` plan's one sub-model alone on the strongest device's worker."""
+    s = _strongest_index(devices)
+    planned = [d["name"] for d in compressed.meta["policy"]["devices"]]
+    if len(compressed.artifacts) != 1 or planned != [devices[s].name]:
+        raise ValueError(f"{compressed.path}: a compressed plan is one sub-model for the strongest device "
+                         f"({devices[s].name}); it has {len(compressed.artifacts)} for {planned} — re-run "
+                         f"`coformer demo` to rebuild it")
+    method = CoFormerMethod(compressed.artifacts, compressed.aggregator, [clients[s]], [devices[s]])
+    method.name = "compressed"
+    return method
 
 
 @dataclass
@@ -212,14 +232,18 @@ class BenchSetup:
     test: TensorDataset
     #: reshape the links to a rate (Mbit/s), or None when links are modelled
     shape_links: Callable[[float], None] | None = None
-    coformer_accuracy: float | None = None  # from the plan's figures, when given
     process_memory: Callable[[], dict[str, int]] | None = None
+    #: the plan's ``compressed`` plan (one sub-model for the strongest device), when it has one
+    compressed: Any = None
+    #: what the bench records about the teacher (hash, data set, path, how it was checked)
+    teacher_info: dict[str, Any] | None = None
 
 
 def build_methods(setup: BenchSetup) -> tuple[dict[str, Method], dict[str, str]]:
     """The methods over the same clients, and the baselines skipped because the backbone cannot run them.
 
-    Teacher and CoFormer run for every backbone; the pipeline and tensor-parallel baselines need the
+    Teacher and CoFormer run for every backbone; ``compressed`` when the plan directory carries one
+    (``coformer demo`` builds it); the pipeline and tensor-parallel baselines need the
     backbone's ``pipeline_stage`` / ``tensor_shard`` hooks, and a backbone without them is benched
     without that baseline (its reason is recorded) instead of not at all.
     """
@@ -228,6 +252,11 @@ def build_methods(setup: BenchSetup) -> tuple[dict[str, Method], dict[str, str]]
         "coformer": CoFormerMethod(setup.plan.artifacts, setup.plan.aggregator, setup.clients, setup.devices),
     }
     skipped: dict[str, str] = {}
+    if setup.compressed is not None:
+        methods["compressed"] = compressed_method(setup.compressed, setup.clients, setup.devices)
+    else:
+        skipped["compressed"] = ("the plan directory has no compressed/ plan; `coformer demo` builds one "
+                                 "(the single-model alternative on the strongest device)")
     for name, baseline in (("pipeline", PipelineSplit), ("tensor-parallel", TensorParallelSplit)):
         try:
             methods[name] = baseline(setup.backbone, setup.teacher, setup.clients, setup.devices)
@@ -249,19 +278,22 @@ def run_bench(setup: BenchSetup, cfg: BenchConfig, *, accuracy_limit: int | None
     teacher_acc = accuracy_of(t_logits, test.labels)
     teacher_sample_preds = [[int(x) for x in teacher_logits(setup.backbone, setup.teacher, TensorDataset(
         b, torch.tensor(lab))).argmax(-1)] for b, lab in zip(sample.batches, sample.labels)]
-    if setup.coformer_accuracy is not None:
-        co_acc, co_source = setup.coformer_accuracy, "plan figures"
-    else:
-        co_acc = accuracy_of(coformer_logits(methods["coformer"], test), test.labels)  # type: ignore[arg-type]
-        co_source = f"recomputed on {len(test)} test examples"
     memory = {}
     one = sample.batches[0]
-    for name, m in methods.items():
-        log(f"deploying {name} to {', '.join(m.used_devices())}")
-        m.deploy(timeout=cfg.timeout_s)
-        memory[name] = m.module_memory(one)
+    measured: dict[str, dict[str, Any]] = {}
     runs: list[dict[str, Any]] = []
     try:
+        for name, m in methods.items():
+            log(f"deploying {name} to {', '.join(m.used_devices())}")
+            m.deploy(timeout=cfg.timeout_s)
+            memory[name] = m.module_memory(one)
+        for name in ("coformer", "compressed"):
+            if name in methods:
+                log(f"accuracy: {name} on {len(test)} test examples through the runtime")
+                measured[name] = {
+                    "accuracy": runtime_accuracy(methods[name], test, timeout=cfg.timeout_s),
+                    "source": f"measured through the deployed runtime (coordinator + workers on "
+                              f"{', '.join(methods[name].used_devices())}) on {len(test)} test examples"}
         for rate in cfg.rates_mbps:
             if setup.shape_links is not None:
                 setup.shape_links(rate)
@@ -284,7 +316,7 @@ def run_bench(setup: BenchSetup, cfg: BenchConfig, *, accuracy_limit: int | None
                 r["speedup_vs_teacher"] = base["latency_ms"]["median"] / r["latency_ms"]["median"]
     accuracy = {
         "teacher": {"accuracy": teacher_acc, "source": f"measured on {len(test)} test examples"},
-        "coformer": {"accuracy": co_acc, "source": co_source},
+        **measured,
     }
     for name in ("pipeline", "tensor-parallel"):
         if name in skipped:
@@ -296,6 +328,7 @@ def run_bench(setup: BenchSetup, cfg: BenchConfig, *, accuracy_limit: int | None
                                      if verified else f"NOT verified: agreement with the teacher {agree}")}
     doc = {
         "devices": [d.to_dict() for d in setup.devices],
+        "teacher": setup.teacher_info or {"check": "given in-process"},
         "config": {"rates_mbps": cfg.rates_mbps, "requests": cfg.requests, "warmup": cfg.warmup,
                    "batch_size": cfg.batch_size, "coordinator_threads": cfg.coordinator_threads,
                    "max_seconds_per_method": cfg.max_seconds_per_method},

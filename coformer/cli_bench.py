@@ -1,8 +1,7 @@
-"""``coformer bench``: teacher, CoFormer, pipeline and tensor-parallel splits over the same workers, per link rate."""
+"""``coformer bench``: teacher, CoFormer, compressed, pipeline and tensor-parallel over the same workers, per link rate."""
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -23,38 +22,35 @@ def _floats(text: str, what: str) -> list[float]:
     return values
 
 
-def resolve_teacher(backbone: Any, plan: Any, teacher_dir: str | None) -> Any:
-    """The fine-tuned teacher: ``--teacher DIR``, else the demo's cached teacher for the plan's source.
+def resolve_teacher(backbone: Any, plan: Any, teacher_dir: str | None) -> tuple[Any, dict[str, Any]]:
+    """The teacher the plan was calibrated from, and what bench.json records about it.
 
-    The cache is ``coformer.pipeline.cache_dir()/teachers`` (written by ``coformer demo``); the
-    most recent entry for this backbone and source wins. A plan source that carries its own task
-    head also works.
+    ``plan.json`` records the teacher's sha256 and data set (``coformer demo`` writes it). Without
+    ``--teacher`` the cached teacher with that hash is used; ``--teacher DIR`` must have it too.
+    A plan without a record (written before teachers were recorded) needs ``--teacher`` and is
+    benched unchecked, with a warning.
     """
-    if teacher_dir:
-        return backbone.load(teacher_dir)
-    from coformer.pipeline import cache_dir
+    from coformer.pipeline import TeacherMismatchError, check_teacher, find_teacher, teacher_sha256
 
-    source = plan.meta.get("source")
-    candidates = []
-    for d in sorted((cache_dir() / "teachers").glob(f"{backbone.name}-*")):
-        info_file = d / "coformer_teacher.json"
-        if info_file.exists():
-            info = json.loads(info_file.read_text())
-            if info.get("backbone") == backbone.name and info.get("source") == str(source):
-                candidates.append(d)
-    if candidates:
-        chosen = max(candidates, key=lambda p: p.stat().st_mtime)
-        console.print(f"teacher: cached fine-tuned teacher {chosen}")
-        return backbone.load(chosen)
-    if source:
-        teacher = backbone.load(source)
-        try:
-            backbone.task_head(teacher)
-            return teacher
-        except ValueError:
-            pass
-    raise click.UsageError(f"no fine-tuned teacher found for backbone {backbone.name!r} (source {source!r}) in "
-                           f"{cache_dir() / 'teachers'}; run `coformer demo` first or pass --teacher DIR")
+    record = plan.meta.get("teacher")
+    if record is None:
+        if not teacher_dir:
+            raise click.UsageError(f"{plan.path}/plan.json does not record the teacher it was calibrated from "
+                                   f"(written by an older coformer); re-run `coformer demo` to re-create it, or "
+                                   f"pass --teacher DIR to bench it with that teacher unchecked")
+        console.print(f"[yellow]warning: the plan records no teacher; {teacher_dir} is used unchecked[/yellow]")
+        return backbone.load(teacher_dir), {"path": teacher_dir, "sha256": teacher_sha256(teacher_dir),
+                                            "check": "unchecked: the plan records no teacher"}
+    try:
+        if teacher_dir:
+            check_teacher(record, teacher_dir)
+            chosen = Path(teacher_dir)
+        else:
+            chosen = find_teacher(record)
+    except TeacherMismatchError as exc:
+        raise click.ClickException(str(exc)) from exc
+    console.print(f"teacher: {chosen} (sha256 {record['sha256'][:12]}…, the plan's)")
+    return backbone.load(chosen), {**record, "path": str(chosen), "check": "sha256 equals the plan's record"}
 
 
 def _process_peak_rss(pids: dict[str, int | None]) -> Callable[[], dict[str, int]]:
@@ -105,7 +101,8 @@ def reshape_links(bed: Any, rate_mbps: float) -> None:
 @click.option("--max-seconds", type=float, default=120.0, show_default=True,
               help="Stop a method early (after ≥3 timed requests) when its requests took this long.")
 @click.option("--accuracy-limit", type=int, default=None, help="Use only the first N test examples for accuracy.")
-@click.option("--recompute-accuracy", is_flag=True, help="Recompute CoFormer's accuracy instead of the plan's figure.")
+@click.option("--recompute-accuracy", is_flag=True, hidden=True,
+              help="Deprecated, no effect: CoFormer's accuracy is always measured through the runtime.")
 @click.option("--device-plans", default=None,
               help="Comma-separated extra plan directories (e.g. 1, 2 and 4 devices) for the device-count table.")
 @click.option("--device-count-rate", type=float, default=None, help="Link rate for the device-count table "
@@ -118,7 +115,10 @@ def bench_cmd(plan_dir: str, testbed: bool, workers: str | None, teacher_dir: st
               recompute_accuracy: bool,
               device_plans: str | None, device_count_rate: float | None, cores: float, state_file: str | None,
               out_dir: str) -> None:
-    """Teacher alone, CoFormer, pipeline and tensor-parallel side by side: latency, bytes, memory, energy, accuracy."""
+    """Teacher alone, CoFormer, compressed, pipeline and tensor-parallel: latency, bytes, memory, energy, accuracy.
+
+    The plan's ``compressed/`` directory (written by ``coformer demo``) is the single-model alternative.
+    """
     import coformer
     from coformer.artifacts import ArtifactError, load_plan
     from coformer.bench import BenchConfig, BenchSetup, device_count_run, make_sample, run_bench, write_outputs
@@ -134,6 +134,7 @@ def bench_cmd(plan_dir: str, testbed: bool, workers: str | None, teacher_dir: st
     try:
         plan = load_plan(plan_dir)
         extra_plans = [load_plan(p.strip()) for p in device_plans.split(",")] if device_plans else []
+        compressed = load_plan(Path(plan_dir) / "compressed") if (Path(plan_dir) / "compressed").is_dir() else None
     except ArtifactError as exc:
         raise click.ClickException(str(exc)) from exc
     if "policy" not in plan.meta:
@@ -145,14 +146,11 @@ def bench_cmd(plan_dir: str, testbed: bool, workers: str | None, teacher_dir: st
                                f"{len(uris)} workers were given; pass one URI per sub-model, in order")
     backbone_name = plan.meta.get("backbone") or plan.artifacts[0].config["backbone"]
     backbone = coformer.create_backbone(backbone_name if isinstance(backbone_name, str) else backbone_name["name"])
-    teacher = resolve_teacher(backbone, plan, teacher_dir)
+    teacher, teacher_info = resolve_teacher(backbone, plan, teacher_dir)
     data = default_dataset(backbone.modality)
     test = encode(backbone, teacher, data.test)
     cfg = BenchConfig(rates_mbps=rates, requests=requests, warmup=warmup, batch_size=batch_size,
                       max_seconds_per_method=max_seconds)
-    co_acc = None
-    if not recompute_accuracy:
-        co_acc = (plan.figures.get("coformer") or {}).get("accuracy")
     log = console.print
 
     def with_workers(devs: list[Any], body: Callable[[list[Any], Callable[[float], None] | None,
@@ -185,7 +183,7 @@ def bench_cmd(plan_dir: str, testbed: bool, workers: str | None, teacher_dir: st
 
     def main_body(clients: list[Any], shaper: Any, rss: Any) -> dict[str, Any]:
         setup = BenchSetup(backbone, teacher, plan, devices, clients, test, shape_links=shaper,
-                           coformer_accuracy=co_acc, process_memory=rss)
+                           process_memory=rss, compressed=compressed, teacher_info=teacher_info)
         return run_bench(setup, cfg, accuracy_limit=accuracy_limit, log=log)
 
     doc = with_workers(devices, main_body)

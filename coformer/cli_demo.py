@@ -34,10 +34,14 @@ from coformer.cli import cli, console
               help="Pixels per side of the inputs (image backbones).")
 @click.option("--layers", type=int, default=None,
               help="Layers each sub-model keeps (its most important ones; default: all). Fewer is faster.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--compressed/--no-compressed", default=True, show_default=True,
+              help="Also build the single-model alternative for the strongest device (same rule with N = 1, same "
+                   "calibration budget) into OUT/compressed/, which `coformer bench` runs as 'compressed'.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Training seed (head fit, calibration); never changes the data split.")
 def demo_cmd(backbone_name: str, source: str | None, plan_dir: str | None, devices: str, aggregator_name: str,
              weight_rule: str | None, epochs: int | None, out: str, json_path: str | None,
-             max_length: int, img_size: int, layers: int | None, seed: int) -> None:
+             max_length: int, img_size: int, layers: int | None, compressed: bool, seed: int) -> None:
     """Fine-tune, decompose into one sub-model per device, calibrate, aggregate, and compare with the teacher."""
     from coformer.demo import render, run_demo
 
@@ -47,7 +51,7 @@ def demo_cmd(backbone_name: str, source: str | None, plan_dir: str | None, devic
     overrides = {k: v for k, v in {"weight_rule": weight_rule, "epochs": epochs}.items() if v is not None}
     result = run_demo(backbone_name=backbone_name, source=source, plan=plan_dir, devices=devices,
                       aggregator_name=aggregator_name, booster_overrides=overrides, out=out, seed=seed, console=console,
-                      max_length=max_length, img_size=img_size, layers=layers)
+                      max_length=max_length, img_size=img_size, layers=layers, compressed=compressed)
     render(result, console)
     if json_path:
         Path(json_path).write_text(json.dumps(result.to_dict(), indent=2))

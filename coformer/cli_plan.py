@@ -57,7 +57,7 @@ def validation_task(backbone: Backbone, teacher: nn.Module, *, val_docs: int = 6
                                f"{backbone.name!r} is {backbone.modality!r}")
     from coformer.data import load_bbc_news
 
-    data = load_bbc_news(seed=seed)
+    data = load_bbc_news()  # THE split: ``seed`` only picks which validation/training docs are used
     vx, vy = _subset(data.val.examples, data.val.labels, val_docs, seed)
     val = TensorDataset(backbone.prepare(teacher, vx), torch.tensor(vy))
     info: dict[str, Any] = {"dataset": "bbc_news", "val_docs": len(vy), "classes": data.classes}

@@ -23,6 +23,11 @@ _SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": 
                   "dev": "val", "test": "test", "testing": "test"}
 
 
+#: The seed of THE split: every stage and script (plan, demo, bench, examples) splits data with it,
+#: so a search or training seed never moves a document between validation and test.
+SPLIT_SEED = 0
+
+
 class DatasetError(Exception):
     """Any problem with a data set the user chose: shown as one message, never a traceback."""
 
@@ -98,7 +103,7 @@ class TensorDataset:
 
 
 def stratified_split(labels: Sequence[int], fractions: tuple[float, float, float] = (0.6, 0.2, 0.2),
-                     seed: int = 0) -> tuple[list[int], list[int], list[int]]:
+                     seed: int = SPLIT_SEED) -> tuple[list[int], list[int], list[int]]:
     """Indices for train/val/test with each class split in the given fractions (fixed by ``seed``)."""
     g = torch.Generator().manual_seed(seed)
     by_class: dict[int, list[int]] = {}
@@ -118,7 +123,7 @@ def stratified_split(labels: Sequence[int], fractions: tuple[float, float, float
     return sorted(train), sorted(val), sorted(test)
 
 
-def stratified_subset(labels: Tensor | Sequence[int], n: int, seed: int = 0) -> list[int]:
+def stratified_subset(labels: Tensor | Sequence[int], n: int, seed: int = SPLIT_SEED) -> list[int]:
     """``n`` indices with the class proportions of ``labels`` (fixed by ``seed``), sorted."""
     labels = torch.as_tensor(labels)
     if n >= labels.numel():
@@ -226,7 +231,7 @@ def limit_split(split: RawSplit, n: int | None, seed: int) -> RawSplit:
 
 
 def split_examples(data: LabelledExamples, name: str, *, fractions: tuple[float, float, float] = (0.6, 0.2, 0.2),
-                   seed: int = 0) -> RawDataset:
+                   seed: int = SPLIT_SEED) -> RawDataset:
     """A :class:`RawDataset` from every example once: the one split definition every data set shares."""
     parts = split_indices(data, fractions, seed, name)
     train, val, test = (RawSplit(take(data.examples, idx), [data.labels[i] for i in idx]) for idx in parts)
@@ -248,7 +253,7 @@ class DatasetSource(ABC):
     ``train_size``/``val_size``/``test_size`` (caps per split); caps keep class proportions.
     """
 
-    seed: int = 0
+    seed: int = SPLIT_SEED
     fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)
     max_size: int | None = None
     train_size: int | None = None
@@ -304,7 +309,7 @@ def load_named(name: str, **options: Any) -> RawDataset:
     return source.load()
 
 
-def load_bbc_news(root: str | Path | None = None, *, seed: int = 0,
+def load_bbc_news(root: str | Path | None = None, *,
                   fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)) -> RawDataset:
     """BBC News with a fixed stratified 60/20/20 split: ``load_dataset("bbc_news")`` for older callers."""
-    return load_named("bbc_news", root=Path(root) if root is not None else None, seed=seed, fractions=fractions)
+    return load_named("bbc_news", root=Path(root) if root is not None else None, seed=SPLIT_SEED, fractions=fractions)

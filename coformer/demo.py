@@ -3,12 +3,17 @@
 Fine-tune the teacher's task head (cached), decompose into one sub-model per device (sized in
 proportion to device compute, or from a ``coformer plan`` directory), calibrate by progressive
 boosting distillation, train the aggregator, run the test split through an in-process cluster,
-and report teacher / each sub-model / CoFormer side by side.
+and report teacher / each sub-model / CoFormer side by side. The same flow with N = 1 builds
+the ``compressed`` alternative (:mod:`coformer.compressed`), packaged in ``<out>/compressed/``.
+
+The plan directory records the teacher it was calibrated from (``plan.json``'s ``teacher``:
+sha256 of the saved teacher, data set, path), which ``coformer bench`` checks.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,19 +27,23 @@ from rich.table import Table
 from coformer import open_transport, registry
 from coformer.aggregator import Aggregator
 from coformer.artifacts import save_plan, submodel_artifact
+from coformer.backbone import Backbone, SubModel
 from coformer.booster import BoosterConfig, calibrate, submodel_features, train_aggregator
+from coformer.compressed import COMPRESSED_DIR, compressed_policy, search_settings
 from coformer.data import RawDataset, load_bbc_news
 from coformer.decompose import proportional_specs
-from coformer.heads import head_input_dim
+from coformer.heads import StudentHead, head_input_dim
 from coformer.measure import count_flops, count_params
 from coformer.pipeline import (
     Figures,
+    Teacher,
     accuracy,
     calibration_importance,
     decompose_policy,
     median_latency_ms,
     prepare_teacher,
     teacher_figures,
+    teacher_record,
 )
 from coformer.runtime import Coordinator
 from coformer.spec import ConstraintError, Policy, Violation, resolve_devices
@@ -88,11 +97,58 @@ class DemoResult:
     plan_dir: Path
     seconds: float
     meta: dict[str, Any]
+    compressed: Figures | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """The ``--json`` document: keys ``teacher``, ``submodels``, ``coformer`` (+ ``meta``)."""
+        """The ``--json`` document: keys ``teacher``, ``submodels``, ``coformer``, ``compressed`` (+ ``meta``)."""
         return {"teacher": self.teacher.to_dict(), "submodels": [s.to_dict() for s in self.submodels],
-                "coformer": self.coformer.to_dict(), "seconds": round(self.seconds, 1), "meta": self.meta}
+                "coformer": self.coformer.to_dict(),
+                "compressed": self.compressed.to_dict() if self.compressed else None,
+                "seconds": round(self.seconds, 1), "meta": self.meta}
+
+
+@dataclass
+class Calibrated:
+    """A policy's calibrated sub-models, their student heads, the trained aggregator and measured costs."""
+
+    policy: Policy
+    submodels: list[SubModel]
+    students: list[StudentHead]
+    aggregator: Aggregator
+    costs: list[Any]
+    test_features: list[torch.Tensor]
+    val_features: list[torch.Tensor]
+
+
+def calibrate_policy(backbone: Backbone, teacher: Teacher, policy: Policy, config: BoosterConfig,
+                     aggregator_name: str, *, importance: Any = None) -> Calibrated:
+    """Decompose ``policy`` (by ``importance``, or importance scored on a calibration batch), calibrate
+    its sub-models (booster) and train the aggregator on their features."""
+    parts = decompose_policy(backbone, teacher, policy, importance=importance)
+    hard = teacher.train_logits.argmax(-1)
+    result = calibrate(backbone, teacher.model, parts.submodels, teacher.train, config=config, teacher_labels=hard)
+    submodels, students = result.submodels, result.student_heads
+    feats = {split: submodel_features(submodels, getattr(teacher, split)) for split in ("train", "val", "test")}
+    task_head = backbone.task_head(teacher.model)
+    aggregator: Aggregator = registry.create(
+        "aggregator", aggregator_name, feature_dims=[m.feature_dim for m in submodels],
+        embed_dim=head_input_dim(task_head), task_head=task_head, student_heads=students)
+    train_aggregator(aggregator, feats["train"], teacher.train.labels, config=config, teacher_labels=hard)
+    return Calibrated(policy, submodels, students, aggregator.eval(), parts.costs, feats["test"], feats["val"])
+
+
+def _compressed_figures(cal: Calibrated, teacher: Teacher, repeats: int) -> Figures:
+    one = teacher.test.batch([0])
+    (m,) = cal.submodels
+    with torch.inference_mode():
+        acc = accuracy(cal.aggregator(cal.test_features), teacher.test.labels)
+        val_acc = accuracy(cal.aggregator(cal.val_features), teacher.val.labels)
+    fwd = lambda: cal.aggregator([m(**one)])  # noqa: E731
+    return Figures(f"compressed ({cal.policy.devices[0].name})", acc,
+                   cal.costs[0].params + count_params(cal.aggregator), float(count_flops(fwd)),
+                   median_latency_ms(fwd, repeats=repeats),
+                   {"val_accuracy": round(val_acc, 2), "device": cal.policy.devices[0].name,
+                    "spec": cal.policy.specs[0].to_dict(), "policy_source": cal.policy.meta.get("source")})
 
 
 class _Stopwatch:
@@ -127,6 +183,7 @@ def run_demo(
     layers: int | None = None,
     load_options: dict[str, Any] | None = None,
     latency_repeats: int = 30,
+    compressed: bool = True,
     console: Console | None = None,
 ) -> DemoResult:
     """Run the demo flow and return its figures (see module docstring).
@@ -136,6 +193,8 @@ def run_demo(
     teacher's layers (its most important ones): fewer layers, faster sub-models.
     Calibration uses ``config`` when given, otherwise the backbone's ``calibration_defaults``
     with ``booster_overrides`` on top (:meth:`BoosterConfig.for_backbone`).
+    ``compressed`` also builds the single-model alternative (same rule with N = 1, same
+    calibration budget) into ``<out>/compressed/`` for ``coformer bench``.
     """
     if plan is not None and layers is not None:
         raise ValueError("layers applies to the proportional policy; a plan directory already fixes each "
@@ -167,8 +226,10 @@ def run_demo(
 
     shape = backbone.shape(teacher.model)
     importance = calibration_importance(backbone, teacher)
+    search = None
     if plan is not None:
         policy = load_policy(plan)
+        search = search_settings(plan)
     else:
         profiles = resolve_devices(devices)
         if layers is not None and not 1 <= layers <= shape.layers:
@@ -179,37 +240,31 @@ def run_demo(
         source_note = "proportional to device GFLOPS" + (f", {layers} layers each" if layers else "")
         policy = Policy(specs, profiles, {"source": source_note})
     one = teacher.test.batch([0])
-    parts = decompose_policy(backbone, teacher, policy, importance=importance)
-    costs = parts.costs
-    stage(f"decomposed into {len(parts.submodels)} sub-models ({policy.meta.get('source', 'planned policy')})")
-
-    hard = teacher.train_logits.argmax(-1)
-    result = calibrate(backbone, teacher.model, parts.submodels, teacher.train, config=config, teacher_labels=hard)
-    submodels, students = result.submodels, result.student_heads
-    distil = f", feature distillation β={config.feature_weight:g}" if config.feature_weight else ""
-    stage(f"calibrated ({config.epochs} epoch(s) per sub-model, {config.weight_rule} weight rule{distil})")
-
-    feats = {split: submodel_features(submodels, getattr(teacher, split)) for split in ("train", "test")}
+    cal = calibrate_policy(backbone, teacher, policy, config, aggregator_name, importance=importance)
+    submodels, students, aggregator, costs = cal.submodels, cal.students, cal.aggregator, cal.costs
+    feats = {"test": cal.test_features, "val": cal.val_features}
     task_head = backbone.task_head(teacher.model)
-    aggregator: Aggregator = registry.create(
-        "aggregator", aggregator_name, feature_dims=[m.feature_dim for m in submodels],
-        embed_dim=head_input_dim(task_head), task_head=task_head, student_heads=students)
-    train_aggregator(aggregator, feats["train"], teacher.train.labels, config=config, teacher_labels=hard)
-    aggregator.eval()
-    stage(f"aggregator {aggregator_name} trained")
+    distil = f", feature distillation β={config.feature_weight:g}" if config.feature_weight else ""
+    stage(f"decomposed into {len(submodels)} sub-models ({policy.meta.get('source', 'planned policy')}), "
+          f"calibrated ({config.epochs} epoch(s) per sub-model, {config.weight_rule} weight rule{distil}), "
+          f"aggregator {aggregator_name} trained")
 
     labels = teacher.test.labels
     t_fig = teacher_figures(backbone, teacher, one, latency_repeats)
+    t_fig.extra["val_accuracy"] = round(accuracy(teacher.val_logits, teacher.val.labels), 2)
     sub_figs = []
     for n, (m, head) in enumerate(zip(submodels, students)):
         with torch.inference_mode():
             acc = accuracy(head(feats["test"][n]), labels)
+            val_acc = accuracy(head(feats["val"][n]), teacher.val.labels)
         fwd = lambda m=m, head=head: head(m(**one))  # noqa: E731
         sub_figs.append(Figures(f"sub-model {n} ({policy.devices[n].name})", acc, costs[n].params,
                                 float(count_flops(fwd)), median_latency_ms(fwd, repeats=latency_repeats),
-                                {"device": policy.devices[n].name, "spec": policy.specs[n].to_dict()}))
+                                {"val_accuracy": round(val_acc, 2), "device": policy.devices[n].name,
+                                 "spec": policy.specs[n].to_dict()}))
     with torch.inference_mode():
         co_acc = accuracy(aggregator(feats["test"]), labels)
+        co_val = accuracy(aggregator(feats["val"]), teacher.val.labels)
 
     clients = [open_transport(f"inproc://demo-{n}") for n in range(len(submodels))]
     coord = Coordinator.deploy(clients, [submodel_artifact(m) for m in submodels], aggregator,
@@ -219,30 +274,46 @@ def run_demo(
     agg_flops = float(count_flops(lambda: aggregator([f[:1] for f in feats["test"]])))
     co_fig = Figures("CoFormer", co_acc, sum(c.params for c in costs) + count_params(aggregator),
                      sum(c.flops for c in costs) + agg_flops, co_latency,
-                     {"aggregator": aggregator_name, "weight_rule": config.weight_rule})
+                     {"val_accuracy": round(co_val, 2), "aggregator": aggregator_name,
+                      "weight_rule": config.weight_rule})
+
+    c_fig = None
+    record = teacher_record(teacher.path, backbone_name, data.name)
+    plan_meta = {"backbone": backbone_name, "source": source, "load_options": load_options,
+                 "classes": data.classes, "dataset": data.name, "teacher": record}
+    shutil.rmtree(Path(out) / COMPRESSED_DIR, ignore_errors=True)  # never leave a stale one beside a new plan
+    if compressed:
+        c_cal = calibrate_policy(backbone, teacher, compressed_policy(backbone, teacher, policy.devices,
+                                                                      layers=layers, search=search),
+                                 config, aggregator_name, importance=importance)
+        c_fig = _compressed_figures(c_cal, teacher, latency_repeats)
+        save_plan(Path(out) / COMPRESSED_DIR, submodels=c_cal.submodels, aggregator=c_cal.aggregator,
+                  task_head=task_head, student_heads=c_cal.students,
+                  meta={**plan_meta, "policy": c_cal.policy.to_dict(), "figures": {"compressed": c_fig.to_dict()}})
+        stage(f"compressed alternative calibrated ({c_cal.policy.meta.get('source')}) for {c_fig.extra['device']}")
 
     meta = {"backbone": backbone_name, "dataset": data.name, "classes": data.classes, "load_options": load_options,
-            "test_size": len(labels), "policy": policy.to_dict(), "seed": seed,
+            "test_size": len(labels), "policy": policy.to_dict(), "seed": seed, "teacher": record,
             "booster": {k: str(v) for k, v in vars(config).items()}}
+    figures = {"teacher": t_fig.to_dict(), "submodels": [s.to_dict() for s in sub_figs], "coformer": co_fig.to_dict()}
+    if c_fig is not None:
+        figures["compressed"] = c_fig.to_dict()
     plan_dir = save_plan(out, submodels=submodels, aggregator=aggregator, task_head=task_head,
-                         student_heads=students,
-                         meta={"backbone": backbone_name, "source": source, "load_options": load_options,
-                               "classes": data.classes, "dataset": data.name, "policy": policy.to_dict(),
-                               "figures": {"teacher": t_fig.to_dict(), "submodels": [s.to_dict() for s in sub_figs],
-                                           "coformer": co_fig.to_dict()}})
-    return DemoResult(t_fig, sub_figs, co_fig, plan_dir, time.perf_counter() - started, meta)
+                         student_heads=students, meta={**plan_meta, "policy": policy.to_dict(), "figures": figures})
+    return DemoResult(t_fig, sub_figs, co_fig, plan_dir, time.perf_counter() - started, meta, c_fig)
 
 
 def render(result: DemoResult, console: Console) -> None:
     """Print the demo's side-by-side table."""
     table = Table(title=f"CoFormer demo — {result.meta['backbone']} on {result.meta['dataset']} "
-                        f"(test split, {result.meta['test_size']} samples)")
-    for col in ("model", "accuracy %", "params (M)", "GFLOPs", "median latency (ms)"):
+                        f"(test split, {result.meta['test_size']} samples; choose settings on val.)")
+    for col in ("model", "accuracy %", "val. accuracy %", "params (M)", "GFLOPs", "median latency (ms)"):
         table.add_column(col, justify="left" if col == "model" else "right")
-    rows = [result.teacher, *result.submodels, result.coformer]
+    rows = [result.teacher, *result.submodels, result.coformer, *([result.compressed] if result.compressed else [])]
     for fig in rows:
         style = "bold green" if fig is result.coformer else None
-        table.add_row(fig.name, f"{fig.accuracy:.2f}", f"{fig.params / 1e6:.2f}", f"{fig.flops / 1e9:.3f}",
+        val = fig.extra.get("val_accuracy")
+        table.add_row(fig.name, f"{fig.accuracy:.2f}", "-" if val is None else f"{val:.2f}", f"{fig.params / 1e6:.2f}", f"{fig.flops / 1e9:.3f}",
                       f"{fig.latency_ms:.1f}", style=style)
     console.print(table)
     console.print(f"plan directory: {result.plan_dir}   total time: {result.seconds:.0f} s")

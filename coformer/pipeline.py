@@ -145,6 +145,68 @@ def prepare_teacher(backbone: Backbone, data: RawDataset, *, source: str | None 
                    logits["train"], logits["val"], logits["test"])
 
 
+#: The teacher directory's own description, written next to its weights; not part of its hash.
+TEACHER_INFO = "coformer_teacher.json"
+
+
+class TeacherMismatchError(ValueError):
+    """A teacher is not the one a plan was calibrated from; the message names both."""
+
+
+def teacher_sha256(path: str | Path) -> str:
+    """sha256 of a saved teacher: every file under ``path`` (relative name and contents) except its info file.
+
+    Weights, task head, config and tokenizer all define the teacher, so all of them count.
+    """
+    root = Path(path)
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.name != TEACHER_INFO)
+    if not files:
+        raise FileNotFoundError(f"{root} holds no files: it is not a saved teacher (Backbone.save writes one)")
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.relative_to(root).as_posix().encode() + b"\0")
+        h.update(hashlib.sha256(f.read_bytes()).digest())
+    return h.hexdigest()
+
+
+def teacher_record(teacher_path: str | Path, backbone_name: str, dataset: str) -> dict[str, str]:
+    """What a plan records about the teacher it was calibrated from (plan.json's ``teacher``)."""
+    return {"sha256": teacher_sha256(teacher_path), "dataset": dataset, "backbone": backbone_name,
+            "path": str(teacher_path)}
+
+
+def _describe(record: dict[str, Any]) -> str:
+    return f"sha256 {record.get('sha256')} (data set {record.get('dataset')!r}, {record.get('path')})"
+
+
+def check_teacher(record: dict[str, Any], path: str | Path) -> None:
+    """Raise :class:`TeacherMismatchError` unless the teacher saved at ``path`` is the recorded one."""
+    actual = teacher_sha256(path)
+    if actual != record.get("sha256"):
+        info = Path(path) / TEACHER_INFO
+        dataset = json.loads(info.read_text()).get("dataset") if info.exists() else "unknown"
+        raise TeacherMismatchError(
+            f"teacher {path} has sha256 {actual} (data set {dataset!r}), but the plan was calibrated from "
+            f"{_describe(record)}; pass that teacher with --teacher, or re-run `coformer demo` with this one")
+
+
+def find_teacher(record: dict[str, Any], cache: Path | None = None) -> Path:
+    """The cached teacher whose hash is the recorded one (the recorded path first, then every cache entry)."""
+    candidates = [Path(record["path"])] if record.get("path") else []
+    teachers = (cache or cache_dir()) / "teachers"
+    if teachers.is_dir():
+        candidates += sorted(d for d in teachers.iterdir() if (d / TEACHER_INFO).exists())
+    seen = []
+    for d in candidates:
+        if d.is_dir() and d not in seen:
+            seen.append(d)
+            if teacher_sha256(d) == record.get("sha256"):
+                return d
+    raise TeacherMismatchError(
+        f"none of the {len(seen)} cached teacher(s) in {teachers} is the one the plan was calibrated from, "
+        f"{_describe(record)}; pass it with --teacher DIR, or re-run `coformer demo` to re-create plan and teacher")
+
+
 def median_latency_ms(fn: Callable[[], Any], *, warmup: int = 3, repeats: int = 20) -> float:
     """Median wall time of ``fn()`` in ms after ``warmup`` calls."""
     with torch.inference_mode():

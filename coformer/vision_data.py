@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from coformer.data import RawDataset, load_named, stratified_subset
+from coformer.data import SPLIT_SEED, RawDataset, load_named, stratified_subset
 
 #: Where the Debian package ``dataset-fashion-mnist`` puts its files.
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 
-def load_fashion_mnist(root: str | Path | None = None, *, val_fraction: float = 0.1, seed: int = 0,
+def load_fashion_mnist(root: str | Path | None = None, *, val_fraction: float = 0.1, seed: int = SPLIT_SEED,
                        train_size: int | None = None, val_size: int | None = None,
                        test_size: int | None = None) -> RawDataset:
     """Fashion-MNIST: the official 10k test set, and the 60k train set split stratified into train/val."""

@@ -101,8 +101,8 @@ def main() -> None:
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
 
-    data = load_fashion_mnist(train_size=args.train + args.unlabelled, val_size=args.val, test_size=args.test,
-                              seed=args.seed)
+    # THE split (coformer.data.SPLIT_SEED): --seed changes training, never which images are val/test
+    data = load_fashion_mnist(train_size=args.train + args.unlabelled, val_size=args.val, test_size=args.test)
     backbone = coformer.create_backbone("vit", img_size=args.img_size)
     teacher = backbone.load(None, num_labels=len(data.classes))
     pool, test = to_tensors(backbone, teacher, data.train), to_tensors(backbone, teacher, data.test)

@@ -15,6 +15,7 @@ from coformer.artifacts import load_plan, save_plan
 from coformer.bench import BenchConfig, BenchSetup, make_sample, percentile, run_bench, write_outputs
 from coformer.data import TensorDataset
 from coformer.decompose import proportional_specs
+from coformer.pipeline import teacher_record
 from coformer.spec import BUILTIN_DEVICES
 
 DEVICE_NAMES = ("jetson-nano", "jetson-tx2", "orin-nano")
@@ -35,7 +36,8 @@ def _tiny_setup(name: str, root: Path) -> dict[str, Any]:
                                      embed_dim=shape.embed_dim, task_head=head, student_heads=None)
     policy = {"specs": [s.to_dict() for s in specs], "devices": [d.to_dict() for d in devices], "meta": {}}
     save_plan(root / "plan", submodels=subs, aggregator=agg, task_head=head, student_heads=None,
-              meta={"backbone": name, "source": str(root / "teacher"), "policy": policy, "figures": {}})
+              meta={"backbone": name, "source": str(root / "teacher"), "policy": policy, "figures": {},
+                    "teacher": teacher_record(root / "teacher", name, "synthetic")})
     batch = backbone.example_batch(teacher, 10, seed=6)
     with torch.no_grad():
         labels = backbone.forward_teacher(teacher, batch).argmax(-1)
@@ -65,7 +67,8 @@ def test_bench_runs_every_method_at_two_rates(tiny: dict[str, Any], tmp_path: Pa
     paths = write_outputs(doc, tmp_path)
 
     runs = doc["runs"]
-    assert doc["skipped_methods"] == {}
+    assert set(doc["skipped_methods"]) == {"compressed"}  # this plan directory carries no compressed/ plan
+    assert "`coformer demo` builds one" in doc["skipped_methods"]["compressed"]
     assert {(r["method"], r["rate_mbps"]) for r in runs} == {(m, r) for m in ("teacher", "coformer", "pipeline",
                                                                               "tensor-parallel") for r in (2.0, 1000.0)}
     by = {(r["method"], r["rate_mbps"]): r for r in runs}
@@ -110,7 +113,7 @@ def test_bench_runs_all_four_methods_for_vit_llama_and_mpnet(name: str, tmp_path
     setup = BenchSetup(tiny_setup["backbone"], tiny_setup["teacher"], plan, tiny_setup["devices"], clients,
                        tiny_setup["test"])
     doc = run_bench(setup, BenchConfig(rates_mbps=[1000.0], requests=3, warmup=1), log=lambda _m: None)
-    assert doc["skipped_methods"] == {}
+    assert {k: v for k, v in doc["skipped_methods"].items() if k != "compressed"} == {}
     assert sorted(r["method"] for r in doc["runs"]) == sorted(("teacher", "coformer", "pipeline", "tensor-parallel"))
     for r in doc["runs"]:
         if r["method"] in ("pipeline", "tensor-parallel"):
@@ -136,8 +139,9 @@ def test_bench_skips_the_baselines_a_backbone_cannot_run_and_says_why(tmp_path: 
     paths = write_outputs(doc, tmp_path / "out")
 
     assert {r["method"] for r in doc["runs"]} == {"teacher", "coformer"}
-    assert doc["skipped_methods"] == {"pipeline": "backbone 'bert' has no pipeline stages",
-                                      "tensor-parallel": "backbone 'bert' has no tensor-parallel shards"}
+    assert {k: v for k, v in doc["skipped_methods"].items() if k != "compressed"} == {
+        "pipeline": "backbone 'bert' has no pipeline stages",
+        "tensor-parallel": "backbone 'bert' has no tensor-parallel shards"}
     assert set(doc["accuracy"]) == {"teacher", "coformer"}
     assert "skipping pipeline: backbone 'bert' has no pipeline stages" in logged
     assert "- tensor-parallel: not run (backbone 'bert' has no tensor-parallel shards)" in paths["table"].read_text()
@@ -185,7 +189,7 @@ def test_bench_cli_with_inproc_workers(tiny: dict[str, Any], tmp_path: Path) -> 
     out = tmp_path / "out"
     args = ["bench", "--plan", str(tiny["root"] / "plan"), "--workers", "inproc://c0,inproc://c1,inproc://c2",
             "--link-mbps", "2,1000", "--requests", "3", "--warmup", "1", "--accuracy-limit", "8",
-            "--teacher", str(tiny["root"] / "teacher"), "--recompute-accuracy", "--out", str(out),
+            "--teacher", str(tiny["root"] / "teacher"), "--out", str(out),
             "--device-plans", str(tiny["root"] / "plan"), "--device-count-rate", "100"]
     res = CliRunner().invoke(build_cli(), args)
     assert res.exit_code == 0, res.output

@@ -1,0 +1,229 @@
+"""Regenerate every figure quoted in README.md and BENCHMARKS.md from the current code.
+
+Each figure is one command (listed by ``--list``, and in ``OUT/reproduce.json`` with its exit
+status, time and output files). Tiers:
+
+* ``--quick``: the README's demo figures — ``coformer demo`` from an empty teacher cache
+  (about 3–4 min on two CPU cores, the ``compressed`` alternative included);
+* ``--full``: everything, in the order the figures depend on each other (the 2-layer plan
+  before the bench that runs it, the demo's recorded teacher before the device-count plans).
+  Hours on two cores; the testbed bench needs root (it is reported as skipped otherwise), the
+  loopback benches start their own ``coformer worker`` processes.
+
+``--check`` compares the quick demo's deterministic figures (accuracies, parameters, FLOPs; not
+latencies) with the committed ones in ``examples/figures/demo-bert-bbc_news.json``;
+``--update`` rewrites that file from this run (do it when the code is meant to change them,
+and quote the new figures). Every choice behind these figures was made on the validation split
+(``coformer.data.SPLIT_SEED`` is the one split); the test split is only reported.
+
+    python examples/reproduce.py --quick --check
+    python examples/reproduce.py --full --out runs/reproduce
+    python examples/reproduce.py --list
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+REFERENCE = ROOT / "examples" / "figures" / "demo-bert-bbc_news.json"
+#: the fields of a demo figure that are deterministic on the pinned torch (latency is not)
+DETERMINISTIC = ("accuracy", "val_accuracy", "params", "flops")
+
+
+@dataclass
+class Figure:
+    """One quoted figure (or table) and the command that produces it."""
+
+    id: str
+    quoted_in: str
+    command: str
+    tier: str = "full"
+    #: loopback worker ports to start (``coformer worker --listen 127.0.0.1:PORT``) for the command
+    workers: list[int] = field(default_factory=list)
+    worker_args: str = "--threads 1"
+    needs_root: bool = False
+
+
+def figures() -> list[Figure]:
+    """Every figure, in run order; ``{out}`` is the output directory, ``{teacher}`` the demo's recorded teacher."""
+    loop3 = "grpc://127.0.0.1:50061,grpc://127.0.0.1:50062,grpc://127.0.0.1:50063"
+    big = "?max_message_mb=1024"
+    llama3 = ",".join(f"grpc://127.0.0.1:{p}{big}" for p in (50071, 50072, 50073))
+    figs = [
+        Figure("demo", "README 'See it work'; BENCHMARKS 'coformer demo'",
+               "coformer demo --out {out}/coformer-demo --json {out}/demo.json", tier="quick"),
+        Figure("demo-layers-2", "README command list; BENCHMARKS layer table and bench",
+               "coformer demo --layers 2 --out {out}/coformer-demo-2l --json {out}/demo-2l.json"),
+        Figure("demo-layers-3", "BENCHMARKS layer table",
+               "coformer demo --layers 3 --out {out}/coformer-demo-3l --json {out}/demo-3l.json"),
+        Figure("demo-layers-4", "BENCHMARKS layer table",
+               "coformer demo --layers 4 --out {out}/coformer-demo-4l --json {out}/demo-4l.json"),
+        Figure("ablation", "BENCHMARKS 'Calibration and aggregation ablations'",
+               "python examples/ablation.py --max-length 64 --out {out}/ablation"),
+        Figure("bench-plans", "BENCHMARKS device-count table (plans)",
+               "python examples/bench_devices.py --teacher {teacher} --layers 2 --out {out}/bench-plans"),
+        Figure("bench-testbed", "README speed-up claim; BENCHMARKS 'coformer bench' table",
+               "coformer bench --testbed --plan {out}/coformer-demo-2l --link-mbps 2,100,500,1000 --requests 40 "
+               "--warmup 5 --max-seconds 60 --device-plans {out}/bench-plans/1dev,{out}/bench-plans/2dev,"
+               "{out}/bench-plans/4dev --out {out}/bench", needs_root=True),
+        *[Figure(f"bench-loopback-b{b}", "BENCHMARKS 'Runtime overhead on loopback'",
+                 f"coformer bench --plan {{out}}/coformer-demo-2l --workers {loop3} --link-mbps 1000 --requests 20 "
+                 f"--warmup 3 --batch-size {b} --max-seconds 30 --out {{out}}/loopback-b{b}",
+                 workers=[50061, 50062, 50063]) for b in (1, 8, 32, 64)],
+        Figure("search", "BENCHMARKS 'Search strategies'",
+               "python examples/search_strategies.py --trials 50 --random-n 1000 --val-docs 8 --out {out}/search"),
+        Figure("smollm2-perplexity", "BENCHMARKS 'Backbones with real weights'",
+               "python examples/smollm2_perplexity.py --json {out}/ppl.json"),
+        Figure("demo-llama", "BENCHMARKS 'Backbones with real weights' (SmolLM2)",
+               "coformer demo --backbone llama --out {out}/demo-llama --json {out}/demo-llama.json"),
+        Figure("bench-loopback-llama", "BENCHMARKS runtime overhead, SmolLM2",
+               f"coformer bench --plan {{out}}/demo-llama --workers {llama3} --link-mbps 1000 --requests 20 "
+               f"--warmup 3 --batch-size 1 --max-seconds 30 --accuracy-limit 100 --out {{out}}/loopback-llama",
+               workers=[50071, 50072, 50073], worker_args="--threads 1 --max-message-mb 1024"),
+        Figure("fashion-mnist", "BENCHMARKS Fashion-MNIST (ViT-S)",
+               "python examples/fashion_mnist.py --train 6000 --unlabelled 24000 --test 10000 --calib-epochs 6 "
+               "--calib-lr 6e-4 --out {out}/fmnist.json"),
+        Figure("demo-vit", "BENCHMARKS 'coformer demo --backbone vit'",
+               "coformer demo --backbone vit --out {out}/demo-vit --json {out}/demo-vit.json"),
+    ]
+    return figs
+
+
+def deterministic_figures(demo_doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The deterministic part of a ``coformer demo --json`` document, by row name."""
+    rows = [demo_doc["teacher"], *demo_doc["submodels"], demo_doc["coformer"]]
+    if demo_doc.get("compressed"):
+        rows.append(demo_doc["compressed"])
+    return {r["name"]: {k: r[k] for k in DETERMINISTIC if k in r} for r in rows}
+
+
+def compare_with_reference(demo_doc: dict[str, Any], reference: dict[str, Any]) -> list[str]:
+    """Differences between a demo run's deterministic figures and the committed ones (empty: they match)."""
+    got, want = deterministic_figures(demo_doc), reference["figures"]
+    diffs = [f"{name}: missing from this run" for name in want if name not in got]
+    diffs += [f"{name}: not in the committed figures" for name in got if name not in want]
+    for name in set(got) & set(want):
+        for key, value in want[name].items():
+            if got[name].get(key) != value:
+                diffs.append(f"{name} {key}: committed {value}, this run {got[name].get(key)}")
+    return sorted(diffs)
+
+
+def _argv(command: str) -> list[str]:
+    """The command's arguments, run with this interpreter (so the same environment's coformer)."""
+    argv = shlex.split(command)
+    if argv[0] == "coformer":
+        return [sys.executable, "-m", "coformer", *argv[1:]]
+    if argv[0] == "python":
+        return [sys.executable, *argv[1:]]
+    return argv
+
+
+def _teacher_of(plan_dir: Path) -> str:
+    plan = plan_dir / "plan.json"
+    return json.loads(plan.read_text())["teacher"]["path"] if plan.exists() else "<run the demo first>"
+
+
+def _start_workers(fig: Figure, log: Path) -> list[subprocess.Popen]:
+    procs = []
+    with log.open("a") as f:
+        for port in fig.workers:
+            cmd = _argv(f"coformer worker --listen 127.0.0.1:{port} {fig.worker_args}")
+            procs.append(subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT))
+    time.sleep(5)  # the workers import torch before they listen
+    return procs
+
+
+def run_figure(fig: Figure, out: Path, env: dict[str, str]) -> dict[str, Any]:
+    """Run one figure's command; returns its record (command, exit status, seconds, log)."""
+    command = fig.command.format(out=out, teacher=_teacher_of(out / "coformer-demo"))
+    record: dict[str, Any] = {"id": fig.id, "quoted_in": fig.quoted_in, "command": command}
+    if fig.needs_root and os.geteuid() != 0:
+        return {**record, "status": "skipped: needs root (the emulated testbed)"}
+    log = out / "logs" / f"{fig.id}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    workers = _start_workers(fig, log) if fig.workers else []
+    started = time.perf_counter()
+    try:
+        with log.open("a") as f:
+            rc = subprocess.run(_argv(command), cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
+    finally:
+        for p in workers:
+            p.terminate()
+            p.wait(timeout=30)
+    return {**record, "status": "ok" if rc == 0 else f"failed (exit {rc})", "seconds": round(time.perf_counter()
+                                                                                              - started, 1),
+            "log": str(log)}
+
+
+def main() -> int:
+    """Parse arguments, run the chosen figures, write ``OUT/reproduce.json``; non-zero if any failed or differed."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    tier = ap.add_mutually_exclusive_group()
+    tier.add_argument("--quick", action="store_true", help="the README demo figures only (default)")
+    tier.add_argument("--full", action="store_true", help="every figure in README and BENCHMARKS")
+    ap.add_argument("--only", default=None, help="comma-separated figure ids (see --list)")
+    ap.add_argument("--list", action="store_true", help="print each figure's id, where it is quoted and its command")
+    ap.add_argument("--check", action="store_true", help="compare the demo's deterministic figures with "
+                                                         f"{REFERENCE.relative_to(ROOT)}")
+    ap.add_argument("--update", action="store_true", help=f"rewrite {REFERENCE.relative_to(ROOT)} from this run")
+    ap.add_argument("--cache", default=None, help="teacher cache (default: a fresh one under OUT, as on a clean "
+                                                  "machine)")
+    ap.add_argument("--out", default="runs/reproduce")
+    args = ap.parse_args()
+    out = Path(args.out).resolve()
+    chosen = [f for f in figures() if args.full or f.tier == "quick"]
+    if args.only:
+        wanted = set(args.only.split(","))
+        unknown = wanted - {f.id for f in figures()}
+        if unknown:
+            ap.error(f"unknown figure id(s) {sorted(unknown)}; --list shows them")
+        chosen = [f for f in figures() if f.id in wanted]
+    if args.list:
+        for f in chosen:
+            print(f"{f.id:22} [{f.tier}] {f.quoted_in}\n    {f.command}")
+        return 0
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "COFORMER_CACHE": str(Path(args.cache).resolve() if args.cache else out / "cache")}
+    import torch
+
+    records = []
+    for f in chosen:
+        print(f"[{time.strftime('%H:%M:%S')}] {f.id}: {f.command.format(out=out, teacher='<recorded teacher>')}",
+              flush=True)
+        records.append(run_figure(f, out, env))
+        print(f"    {records[-1]['status']}", flush=True)
+    doc: dict[str, Any] = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "torch": torch.__version__,
+                           "figures": records}
+    failed = any(r["status"].startswith("failed") for r in records)
+    demo_json = out / "demo.json"
+    if (args.check or args.update) and demo_json.exists():
+        demo_doc = json.loads(demo_json.read_text())
+        if args.update:
+            REFERENCE.parent.mkdir(parents=True, exist_ok=True)
+            REFERENCE.write_text(json.dumps({"command": "coformer demo --json demo.json (empty teacher cache)",
+                                             "torch": torch.__version__, "date": doc["date"],
+                                             "figures": deterministic_figures(demo_doc)}, indent=2) + "\n")
+            print(f"wrote {REFERENCE}")
+        else:
+            diffs = compare_with_reference(demo_doc, json.loads(REFERENCE.read_text()))
+            doc["check"] = diffs or "the demo's deterministic figures match the committed ones"
+            print("\n".join(diffs) if diffs else doc["check"])
+            failed = failed or bool(diffs)
+    (out / "reproduce.json").write_text(json.dumps(doc, indent=2))
+    print(f"wrote {out / 'reproduce.json'}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
