@@ -65,15 +65,26 @@ def default_dataset(modality: str) -> RawDataset:
     raise DemoUnavailableError(f"no embedded data set for modality {modality!r}")
 
 
-def load_policy(plan_dir: str | Path) -> Policy:
-    """The policy in a ``coformer plan`` directory's ``plan.json``."""
+def _plan_doc(plan_dir: str | Path) -> dict[str, Any]:
     path = Path(plan_dir) / "plan.json"
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: pass a directory written by `coformer plan --out DIR`")
     doc = json.loads(path.read_text())
     if "policy" not in doc:
         raise ValueError(f"{path} has no 'policy' entry; was it written by `coformer plan`?")
-    return Policy.from_dict(doc["policy"])
+    return doc
+
+
+def load_policy(plan_dir: str | Path) -> Policy:
+    """The policy in a ``coformer plan`` directory's ``plan.json``."""
+    return Policy.from_dict(_plan_doc(plan_dir)["policy"])
+
+
+def load_plan_importance(plan_dir: str | Path) -> Any:
+    """The unit importance the plan was searched with (``None`` for plans that predate it)."""
+    from coformer.importance import plan_importance
+
+    return plan_importance(_plan_doc(plan_dir))
 
 
 @dataclass
@@ -164,8 +175,10 @@ def run_demo(
     stage(f"teacher {backbone_name} {'loaded from cache' if teacher.cached else 'fine-tuned'} ({teacher.path})")
 
     shape = backbone.shape(teacher.model)
+    importance = None
     if plan is not None:
         policy = load_policy(plan)
+        importance = load_plan_importance(plan)  # deploy exactly the units the search scored
     else:
         profiles = resolve_devices(devices)
         if layers is not None and not 1 <= layers <= shape.layers:
@@ -176,7 +189,7 @@ def run_demo(
         source_note = "proportional to device GFLOPS" + (f", {layers} layers each" if layers else "")
         policy = Policy(specs, profiles, {"source": source_note})
     one = teacher.test.batch([0])
-    parts = decompose_policy(backbone, teacher, policy)
+    parts = decompose_policy(backbone, teacher, policy, importance=importance)
     costs = parts.costs
     stage(f"decomposed into {len(parts.submodels)} sub-models ({policy.meta.get('source', 'planned policy')})")
 

@@ -130,6 +130,7 @@ class Evaluation:
     costs: list[dict[str, Any]] = field(default_factory=list)
     violations: list[str] = field(default_factory=list)
     proxy: str = ""
+    wire_bytes: list[int] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -139,7 +140,8 @@ class Evaluation:
         """Ψ, T, L_val and, per device (a list in policy order), t1 (with its source), t2, loss and costs."""
         per = [
             {"index": i, "name": d["name"], "t1_ms": self.t1_ms[i], "t1_source": self.t1_source[i],
-             "t2_ms": self.t2_ms[i], "L_val": self.losses[i] if self.losses else None,
+             "t2_ms": self.t2_ms[i], "wire_bytes": self.wire_bytes[i] if self.wire_bytes else None,
+             "L_val": self.losses[i] if self.losses else None,
              "gflops": self.costs[i]["flops"] / 1e9 if self.costs else None,
              "memory_mib": self.costs[i]["memory_bytes"] / 2**20 if self.costs else None}
             for i, d in enumerate(self.policy["devices"])
@@ -250,10 +252,17 @@ class Evaluator:
             return devices[int(self.topology.central)].gflops  # type: ignore[arg-type]
         return self.topology.coordinator_gflops or max(d.gflops for d in devices)
 
+    def wire_bytes(self, policy: Policy) -> list[int]:
+        """Bytes each device's link carries per request: input in + features out (0 for a central device)."""
+        x_in = self.input_bytes()
+        return [0 if self.topology.kind == "device" and i == self.topology.central
+                else x_in + spec.embed_dim * FEATURE_BYTES * self.batch_size
+                for i, spec in enumerate(policy.specs)]
+
     def latency(self, policy: Policy) -> tuple[float, list[float], list[str], list[float], float]:
         """``(T, t1, t1_source, t2, t3)`` in ms for a policy whose structure is valid."""
         self.topology.validate(len(policy.devices))
-        x_in = self.input_bytes()
+        wire = self.wire_bytes(policy)
         t1, src, t2 = [], [], []
         for i, (spec, dev) in enumerate(zip(policy.specs, policy.devices)):
             pred = self.predictors.get(dev.name)
@@ -263,11 +272,7 @@ class Evaluator:
             else:
                 t1.append(self.cost(spec).flops / (dev.gflops * 1e9) * 1000.0)
                 src.append(ESTIMATE_LABEL)
-            if self.topology.kind == "device" and i == self.topology.central:
-                t2.append(0.0)  # the central device's input and features never cross a link
-            else:
-                nbytes = x_in + spec.embed_dim * FEATURE_BYTES * self.batch_size
-                t2.append(nbytes * 8 / (self.link_rate_mbps(dev) * 1e6) * 1000.0)
+            t2.append(wire[i] * 8 / (self.link_rate_mbps(dev) * 1e6) * 1000.0)
         d_agg = sum(s.embed_dim for s in policy.specs)
         g = self.aggregator_gflops(policy.devices)
         t3 = 2.0 * self.batch_size * self.shape.embed_dim * d_agg / (g * 1e9) * 1000.0
@@ -368,6 +373,6 @@ class Evaluator:
             self.model_evaluations += 1 if self.val is not None else 0
             ev = Evaluation(policy.to_dict(), True, L + self.delta * T, T, L, self.delta, t1, src, t2, t3,
                             self.topology.to_dict(), losses, [self.cost(s).to_dict() for s in policy.specs],
-                            proxy=self.proxy)
+                            proxy=self.proxy, wire_bytes=self.wire_bytes(policy))
         self._cache[key] = ev
         return ev

@@ -203,16 +203,25 @@ class Decomposition:
     costs: list[Any]  # coformer.spec.SubModelCost per sub-model
 
 
-def decompose_policy(backbone: Backbone, teacher: Teacher, policy: Any, *, calib_size: int = 32) -> Decomposition:
-    """Check C1–C4, score units on a calibration batch, slice, then check C5/C6 on the real modules."""
+def decompose_policy(backbone: Backbone, teacher: Teacher, policy: Any, *, calib_size: int = 32,
+                     importance: Any = None) -> Decomposition:
+    """Check C1–C4, assign units by importance, slice, then check C5/C6 on the real modules.
+
+    ``importance`` (a :class:`~coformer.backbone.UnitImportance`, e.g. the one a plan was searched
+    with) is used as given; otherwise it is the shared importance of the first ``calib_size``
+    training samples (:func:`coformer.importance.shared_importance`).
+    """
     from coformer.decompose import assign_units
+    from coformer.importance import shared_importance
     from coformer.measure import measure_cost
     from coformer.spec import validate
 
     shape = backbone.shape(teacher.model)
     validate(policy.specs, shape, policy.devices)
-    calib = teacher.train.batch(range(min(calib_size, len(teacher.train))))
-    selections = assign_units(shape, policy.specs, backbone.importance(teacher.model, calib))
+    if importance is None:
+        calib = teacher.train.batch(range(min(calib_size, len(teacher.train))))
+        importance, _ = shared_importance(backbone, teacher.model, calib)
+    selections = assign_units(shape, policy.specs, importance)
     submodels = [backbone.slice(teacher.model, s) for s in selections]
     one = teacher.test.batch([0])
     costs = [measure_cost(m, one) for m in submodels]
