@@ -126,11 +126,13 @@ def load_predictors(spec: str | None) -> dict[str, Any]:
 @click.option("--statistic", type=click.Choice(["median", "min"]), default="median", show_default=True)
 @click.option("--train/--no-train", default=True, show_default=True,
               help="Also train the latency predictor and report held-out error.")
+@click.option("--max-length", type=int, default=64, show_default=True,
+              help="Tokens per text input (the demo, plan and bench use 64).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Profile file (.json; a .csv is written too).")
 def profile_cmd(backbone_name: str, source: str | None, device_name: str, cpu_quota: float | None,
                 worker_uri: str | None, threads: int | None, shapes: int, repeats: int, warmup: int, statistic: str,
-                train: bool, seed: int, out: str) -> None:
+                train: bool, max_length: int, seed: int, out: str) -> None:
     """Measure the latency of a pool of sub-model shapes on one device; optionally train its predictor."""
     import coformer
     from coformer.predictor import train_and_score
@@ -140,7 +142,7 @@ def profile_cmd(backbone_name: str, source: str | None, device_name: str, cpu_qu
     if cpu_quota is not None and worker_uri is not None:
         raise click.UsageError("--cpu-quota and --worker are exclusive: a quota applies to this host only")
     backbone = coformer.create_backbone(backbone_name)
-    teacher = load_teacher(backbone, source)
+    teacher = load_teacher(backbone, source, **({"max_length": max_length} if backbone.modality == "text" else {}))
     specs = sample_shapes(backbone.shape(teacher), shapes, seed)
     batch = reference_input(backbone, teacher)
     if cpu_quota is not None:
@@ -157,6 +159,8 @@ def profile_cmd(backbone_name: str, source: str | None, device_name: str, cpu_qu
     if train:
         pred, report = train_and_score(prof.records, device_name, seed=seed)
         path = pred.save(Path(js).with_name(f"{device_name}-predictor"))
+        Path(js).with_name(f"{device_name}-predictor-report.json").write_text(json.dumps(
+            {"device": device_name, "profile": str(js), **report}, indent=2))
         p, b = report["predictor"], report["flops_baseline"]
         console.print(f"predictor {path}: held-out ({report['held_out_shapes']} shapes) RMSE {p['rmse_ms']:.3f} ms, "
                       f"MAPE {p['mape_pct']:.1f}%; FLOPs-proportional baseline RMSE {b['rmse_ms']:.3f} ms, "
