@@ -193,7 +193,7 @@ class Evaluator:
         self.devices = list(devices)
         self.shape = backbone.shape(teacher)
         self.val = val
-        self.head = (head if head is not None else backbone.task_head(teacher)).eval()
+        self._head = head.eval() if head is not None else None
         self.predictors = dict(predictors or {})
         self.delta = float(delta)
         self.link_mbps = link_mbps
@@ -342,6 +342,13 @@ class Evaluator:
         per = [self._probe_ce(t, v) for t, v in zip(train_f, val_f)] if len(subs) > 1 else []
         joint = self._probe_ce(torch.cat(train_f, 1), torch.cat(val_f, 1))
         return joint, per or [joint]
+
+    @property
+    def head(self) -> nn.Module:
+        """The head the ``"uncalibrated"`` proxy scores through (the teacher's unless one was given)."""
+        if self._head is None:
+            self._head = self.backbone.task_head(self.teacher).eval()
+        return self._head
 
     def _loss(self, selection: UnitSelection) -> float:
         """Mean CE of one sliced sub-model: features scattered into its teacher channels, teacher head."""
