@@ -206,6 +206,9 @@ class Evaluator:
             raise ValueError(f"proxy {self.proxy!r} is unknown; choose one of {', '.join(PROXIES)}")
         if self.proxy == "probe" and probe_train is None:
             raise ValueError("the 'probe' proxy needs labelled training data: Evaluator(probe_train=...)")
+        if probe_train is not None and len(probe_train) < 2:
+            raise ValueError(f"probe_train has {len(probe_train)} sample(s); the probe needs at least 2 labelled "
+                             f"training samples (more is better: plan uses --train-docs, default 160)")
         self.probe_train = probe_train
         self.probe_epochs = probe_epochs
         self._importance = importance
