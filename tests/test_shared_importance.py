@@ -67,3 +67,32 @@ def test_the_plans_importance_deploys_the_units_the_search_scored(tiny, tmp_path
     # without the plan's importance the deployed units would differ from the scored ones
     assert decompose_policy(backbone, t, policy).selections != searched
     assert plan_importance({"policy": {}}) is None  # a plan from before importance was stored
+
+
+@pytest.mark.slow
+def test_coformer_plan_stores_the_importance_topology_and_proxy_it_searched_with(tmp_path):
+    from click.testing import CliRunner
+
+    from coformer.cli import build_cli
+    from coformer.cli_plan import training_subset
+    from coformer.importance import IMPORTANCE_SAMPLES
+
+    out = tmp_path / "planned"
+    res = CliRunner().invoke(build_cli(), ["plan", "--strategy", "random", "--trials", "2", "--val-docs", "8",
+                                           "--train-docs", "20", "--topology", "device:1", "--out", str(out)],
+                             catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    doc = json.loads((out / "plan.json").read_text())
+    assert doc["proxy"] == "probe" and doc["predicted"]["proxy"] == "probe"
+    assert doc["topology"] == {"kind": "device", "central": 1, "coordinator_gflops": None}
+    devices = doc["predicted"]["devices"]
+    assert devices[1]["t2_ms"] == 0.0 and devices[0]["t2_ms"] > 0 and devices[2]["t2_ms"] > 0
+    assert all(d["t1_source"] == "estimate (FLOPs/GFLOPS)" for d in devices)  # no --predictors given
+    # the stored importance is the one of the plan's first training docs, under the same content key
+    backbone = coformer.create_backbone("bert")
+    teacher = backbone.load(max_length=doc["max_length"]).eval()
+    train = training_subset(backbone, teacher, 20, 0)
+    expected, key = shared_importance(backbone, teacher, train.batch(torch.arange(min(20, IMPORTANCE_SAMPLES))))
+    assert doc["importance"]["key"] == key
+    stored = load_plan_importance(out)
+    assert torch.allclose(stored.channels, expected.channels) and torch.allclose(stored.layers, expected.layers)
