@@ -49,6 +49,15 @@ def fit_linear_head(features: torch.Tensor, labels: torch.Tensor, num_labels: in
     return head.eval()
 
 
+def training_subset(backbone: Backbone, teacher: nn.Module, n: int, seed: int = 0) -> TensorDataset:
+    """``n`` labelled BBC News training documents (a fixed random subset), prepared by the teacher."""
+    from coformer.data import load_bbc_news
+
+    data = load_bbc_news(seed=seed)
+    tx, ty = _subset(data.train.examples, data.train.labels, n, seed)
+    return TensorDataset(backbone.prepare(teacher, tx), torch.tensor(ty))
+
+
 def validation_task(backbone: Backbone, teacher: nn.Module, *, val_docs: int = 64, train_docs: int = 160,
                     fit_head: bool = True, seed: int = 0) -> tuple[TensorDataset, nn.Module, dict[str, Any]]:
     """BBC News validation subset and the head L_val is computed with (fitted linear head or the teacher's)."""
@@ -65,14 +74,27 @@ def validation_task(backbone: Backbone, teacher: nn.Module, *, val_docs: int = 6
         head = backbone.task_head(teacher)
         info["head"] = "teacher"
     else:
-        tx, ty = _subset(data.train.examples, data.train.labels, train_docs, seed)
-        train = TensorDataset(backbone.prepare(teacher, tx), torch.tensor(ty))
+        train = training_subset(backbone, teacher, train_docs, seed)
         head = fit_linear_head(_features(backbone, teacher, train), train.labels, len(data.classes), seed=seed)
         with torch.no_grad():
             acc = float((head(_features(backbone, teacher, val)).argmax(1) == val.labels).float().mean())
-        info.update({"head": f"linear head fitted on frozen teacher features of {len(ty)} training docs",
+        info.update({"head": f"linear head fitted on frozen teacher features of {train_docs} training docs",
                      "teacher_val_accuracy": acc})
     return val, head, info
+
+
+def parse_topology(text: str) -> Any:
+    """``coordinator`` or ``device:INDEX`` (the central node is the device at that index of --devices)."""
+    from coformer.evaluator import Topology
+
+    if text == "coordinator":
+        return Topology()
+    kind, _, index = text.partition(":")
+    if kind != "device" or not index.isdigit():
+        raise click.BadParameter(f"{text!r}: use 'coordinator' (a separate node aggregates, as `coformer bench` "
+                                 f"runs) or 'device:INDEX' (the device at INDEX of --devices aggregates)",
+                                 param_hint="--topology")
+    return Topology("device", int(index))
 
 
 def load_predictors(spec: str | None) -> dict[str, Any]:
@@ -104,11 +126,13 @@ def load_predictors(spec: str | None) -> dict[str, Any]:
 @click.option("--statistic", type=click.Choice(["median", "min"]), default="median", show_default=True)
 @click.option("--train/--no-train", default=True, show_default=True,
               help="Also train the latency predictor and report held-out error.")
+@click.option("--max-length", type=int, default=64, show_default=True,
+              help="Tokens per text input (the demo, plan and bench use 64).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Profile file (.json; a .csv is written too).")
 def profile_cmd(backbone_name: str, source: str | None, device_name: str, cpu_quota: float | None,
                 worker_uri: str | None, threads: int | None, shapes: int, repeats: int, warmup: int, statistic: str,
-                train: bool, seed: int, out: str) -> None:
+                train: bool, max_length: int, seed: int, out: str) -> None:
     """Measure the latency of a pool of sub-model shapes on one device; optionally train its predictor."""
     import coformer
     from coformer.predictor import train_and_score
@@ -118,7 +142,7 @@ def profile_cmd(backbone_name: str, source: str | None, device_name: str, cpu_qu
     if cpu_quota is not None and worker_uri is not None:
         raise click.UsageError("--cpu-quota and --worker are exclusive: a quota applies to this host only")
     backbone = coformer.create_backbone(backbone_name)
-    teacher = load_teacher(backbone, source)
+    teacher = load_teacher(backbone, source, **({"max_length": max_length} if backbone.modality == "text" else {}))
     specs = sample_shapes(backbone.shape(teacher), shapes, seed)
     batch = reference_input(backbone, teacher)
     if cpu_quota is not None:
@@ -135,6 +159,8 @@ def profile_cmd(backbone_name: str, source: str | None, device_name: str, cpu_qu
     if train:
         pred, report = train_and_score(prof.records, device_name, seed=seed)
         path = pred.save(Path(js).with_name(f"{device_name}-predictor"))
+        Path(js).with_name(f"{device_name}-predictor-report.json").write_text(json.dumps(
+            {"device": device_name, "profile": str(js), **report}, indent=2))
         p, b = report["predictor"], report["flops_baseline"]
         console.print(f"predictor {path}: held-out ({report['held_out_shapes']} shapes) RMSE {p['rmse_ms']:.3f} ms, "
                       f"MAPE {p['mape_pct']:.1f}%; FLOPs-proportional baseline RMSE {b['rmse_ms']:.3f} ms, "
@@ -173,28 +199,42 @@ def plot_convergence(result: Any, path: Path) -> None:
 @click.option("--trials", type=int, default=30, show_default=True, help="Evaluated (feasible) policies.")
 @click.option("--strategy", default="ax_gp_ei", show_default=True)
 @click.option("--val-docs", type=int, default=64, show_default=True)
-@click.option("--train-docs", type=int, default=160, show_default=True, help="Docs for the fitted linear head.")
+@click.option("--train-docs", type=int, default=160, show_default=True,
+              help="Training docs the probe proxy (and the fitted linear head) is fitted on.")
+@click.option("--proxy", type=click.Choice(["probe", "uncalibrated"]), default="probe", show_default=True,
+              help="L_val: linear probe on the sub-models' features, or the seed's uncalibrated-slice CE.")
+@click.option("--topology", default="coordinator", show_default=True,
+              help="'coordinator' (a separate node aggregates, as the runtime and bench run) or 'device:INDEX'.")
+@click.option("--max-length", type=int, default=64, show_default=True,
+              help="Tokens per text (the demo and bench use 64).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", required=True, type=click.Path(file_okay=False))
 def plan_cmd(backbone_name: str, source: str | None, teacher_dir: str | None, devices: str,
              predictor_dir: str | None, link_mbps: float | None, delta: float, trials: int, strategy: str,
-             val_docs: int, train_docs: int, seed: int, out: str) -> None:
+             val_docs: int, train_docs: int, proxy: str, topology: str, max_length: int, seed: int,
+             out: str) -> None:
     """Search a decomposition policy minimising Ψ; writes OUT/plan.json and OUT/convergence.png."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     import coformer
     from coformer.evaluator import Evaluator
+    from coformer.importance import IMPORTANCE_SAMPLES, importance_record
     from coformer.spec import resolve_devices
 
     t0 = time.perf_counter()
     devs = resolve_devices(devices)
+    topo = parse_topology(topology)
     search = coformer.create_search_strategy(strategy, seed=seed)
     backbone = coformer.create_backbone(backbone_name)
-    teacher = backbone.load(teacher_dir or source).eval()
+    options = {"max_length": max_length} if backbone.modality == "text" else {}
+    teacher = backbone.load(teacher_dir or source, **options).eval()
     val, head, data_info = validation_task(backbone, teacher, val_docs=val_docs, train_docs=train_docs,
                                            fit_head=teacher_dir is None, seed=seed)
+    train = training_subset(backbone, teacher, train_docs, seed)
     ev = Evaluator(backbone, teacher, devs, val=val, head=head, predictors=load_predictors(predictor_dir),
-                   delta=delta, link_mbps=link_mbps, cost_batch=reference_input(backbone, teacher))
+                   delta=delta, link_mbps=link_mbps, cost_batch=reference_input(backbone, teacher),
+                   topology=topo, probe_train=train if proxy == "probe" else None, proxy=proxy,
+                   calib=train.batch(torch.arange(min(len(train), IMPORTANCE_SAMPLES))))
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("best Ψ {task.fields[best]}"), TimeElapsedColumn(), console=console) as bar:
         task = bar.add_task(f"plan ({strategy})", total=trials, best="-")
@@ -218,6 +258,11 @@ def plan_cmd(backbone_name: str, source: str | None, teacher_dir: str | None, de
         "source": teacher_dir or source,
         "delta": delta,
         "link_mbps": link_mbps,
+        "topology": topo.to_dict(),
+        "proxy": proxy,
+        "max_length": max_length,
+        "importance": importance_record(ev.importance(), ev.importance_key or "",
+                                        min(len(train), IMPORTANCE_SAMPLES)),
         "validation": data_info,
         "model_evaluations": ev.model_evaluations,
         "seconds": time.perf_counter() - t0,
@@ -228,7 +273,7 @@ def plan_cmd(backbone_name: str, source: str | None, teacher_dir: str | None, de
     comp = result.best.components()
     console.print(f"best Ψ {comp['psi']:.4f} = L_val {comp['L_val']:.4f} + {delta}·T {comp['T_ms']:.3f} ms "
                   f"after {ev.model_evaluations} evaluations ({len(result.trials)} proposals)")
-    for name, d in comp["devices"].items():
-        console.print(f"  {name}: t1 {d['t1_ms']:.3f} ms ({d['t1_source']}), t2 {d['t2_ms']:.4f} ms, "
+    for d in comp["devices"]:
+        console.print(f"  [{d['index']}] {d['name']}: t1 {d['t1_ms']:.3f} ms ({d['t1_source']}), t2 {d['t2_ms']:.4f} ms, "
                       f"L_val {d['L_val']:.4f}, {d['gflops']:.3f} GFLOPs")
     console.print(f"wrote {out_dir / 'plan.json'} and {out_dir / 'convergence.png'}")

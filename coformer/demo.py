@@ -76,15 +76,26 @@ def default_dataset(modality: str) -> RawDataset:
     raise DemoUnavailableError(f"no embedded data set for modality {modality!r}")
 
 
-def load_policy(plan_dir: str | Path) -> Policy:
-    """The policy in a ``coformer plan`` directory's ``plan.json``."""
+def _plan_doc(plan_dir: str | Path) -> dict[str, Any]:
     path = Path(plan_dir) / "plan.json"
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: pass a directory written by `coformer plan --out DIR`")
     doc = json.loads(path.read_text())
     if "policy" not in doc:
         raise ValueError(f"{path} has no 'policy' entry; was it written by `coformer plan`?")
-    return Policy.from_dict(doc["policy"])
+    return doc
+
+
+def load_policy(plan_dir: str | Path) -> Policy:
+    """The policy in a ``coformer plan`` directory's ``plan.json``."""
+    return Policy.from_dict(_plan_doc(plan_dir)["policy"])
+
+
+def load_plan_importance(plan_dir: str | Path) -> Any:
+    """The unit importance the plan was searched with (``None`` for plans that predate it)."""
+    from coformer.importance import plan_importance
+
+    return plan_importance(_plan_doc(plan_dir))
 
 
 @dataclass
@@ -225,8 +236,11 @@ def run_demo(
     stage(f"teacher {backbone_name} {'loaded from cache' if teacher.cached else 'fine-tuned'} ({teacher.path})")
 
     shape = backbone.shape(teacher.model)
-    importance = calibration_importance(backbone, teacher)
     search = None
+    # a plan deploys exactly the units its search scored; plans that predate stored importance score them here
+    importance = load_plan_importance(plan) if plan is not None else None
+    if importance is None:
+        importance = calibration_importance(backbone, teacher)
     if plan is not None:
         policy = load_policy(plan)
         search = search_settings(plan)

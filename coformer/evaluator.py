@@ -1,26 +1,43 @@
 """The evaluator: Ψ(C) = L_val(C) + δ·T(C) for a decomposition policy, constraints checked first.
 
-Latency model (seed eqs. 3–6), every time in milliseconds::
+Latency model (seed eqs. 3–6), every time in milliseconds, matching the runtime's data path::
 
     T    = max_n (t1_n + t2_n) + t3
-    t1_n = f_n(C_n)               the device's latency predictor; without one, FLOPs(C_n) / device
-                                  GFLOPS — an *estimate*, labelled so in ``t1_source``
-    t2_n = |X_n| / r_n            |X_n| = d_n values × 2 bytes (fp16) × batch; r_n the link rate.
-                                  The central node's own features do not cross a link: t2 = 0 there.
-    t3   = 2·M·d_i·d_agg / g      aggregation at the central node: M = feature rows per request
-                                  (= batch; sub-models send one pooled vector per sample, so the
-                                  seed's token count S is 1), d_agg = Σ d_n (concatenated width),
-                                  d_i = the teacher's embedding width d (what the task head takes),
-                                  g = the central node's compute rate (its GFLOPS, as FLOPs/ms).
+    t1_n = f_n(C_n)               the device's learned latency predictor; without one, FLOPs(C_n) /
+                                  device GFLOPS — labelled ``estimate (FLOPs/GFLOPS)`` in ``t1_source``
+    t2_n = (|input| + |X_n|) / r_n  the request broadcast to device n and its features returned,
+                                  both over device n's own link r_n: |input| = the wire size of
+                                  one prepared example (safetensors, as the coordinator sends it)
+                                  × batch; |X_n| = d_n values × 2 bytes (fp16) × batch.
+    t3   = 2·M·d_i·d_agg / g      aggregation: M = feature rows per request (= batch; one pooled
+                                  vector per sample), d_agg = Σ d_n, d_i = the teacher's width d,
+                                  g = the aggregating node's compute rate.
 
-δ is therefore *per millisecond*. The central node defaults to the device with the most GFLOPS.
+The topology (:class:`Topology`) is part of the plan. ``coordinator`` (the default, what
+``Coordinator`` and ``coformer bench`` run): a separate node fans the input out and aggregates,
+so every device pays t2; g is ``coordinator_gflops`` (default: the strongest device's GFLOPS).
+``device``: the central node is the device at index ``central`` of the policy; *that one
+device* neither receives the input over a link nor sends its features (t2 = 0), and g is its
+GFLOPS. It is chosen by index, never by name: two devices of the same kind are two devices.
 
-Accuracy proxy (seed eq. 7): L_val is the mean over sub-models of the validation cross-entropy
-of the sliced, *uncalibrated* sub-model. Units are assigned by importance computed once on a
-calibration batch (:func:`coformer.decompose.assign_units`). An uncalibrated sub-model has no
-head of its own, so its logits are obtained by scattering its ``d_n`` features back into the
-teacher's channel positions it kept (zeros in every other channel) and applying the teacher's
-task head.
+δ is therefore *per millisecond*.
+
+Accuracy proxy L_val (``proxy``):
+
+* ``"probe"`` (default): a linear probe on the *concatenated* features of the sliced,
+  uncalibrated sub-models (what the aggregator sees), fitted on a small labelled training
+  subset (``probe_train``) and scored as cross-entropy on validation data. Uncalibrated slices
+  through the teacher's head sit at chance, so the seed's proxy ranks policies by noise; a probe
+  measures how much task information the kept units still carry, which is what calibration can
+  recover. Its rank correlation with fully calibrated accuracy is measured by
+  ``examples/proxy_correlation.py``. ``losses`` holds each sub-model's own probe CE.
+* ``"uncalibrated"`` (the seed's eq. 7): the mean over sub-models of the validation CE of the
+  sliced sub-model, its features scattered into the teacher channels it kept, through the
+  teacher's head.
+
+Units are assigned by importance computed once (:mod:`coformer.importance`) on a calibration
+batch (``calib``, the first training samples) — the same importance deployment uses, stored in
+the plan — so Ψ scores exactly the sub-models that will be deployed.
 
 Constraints C1–C6 are checked before anything runs; costs (FLOPs, memory) are measured with
 :func:`coformer.measure.measure_cost` on a real module of each spec's size sliced from the teacher
@@ -53,6 +70,47 @@ from coformer.spec import (
 )
 
 FEATURE_BYTES = 2  # fp16 on the wire
+TOPOLOGIES = ("coordinator", "device")
+PROXIES = ("probe", "uncalibrated")
+ESTIMATE_LABEL = "estimate (FLOPs/GFLOPS)"
+
+
+@dataclass(frozen=True)
+class Topology:
+    """Where the request enters and features are aggregated (see the module docstring).
+
+    ``kind="coordinator"``: a separate node (the runtime's ``Coordinator``), compute rate
+    ``coordinator_gflops`` (``None``: the strongest device's). ``kind="device"``: the device at
+    index ``central`` of the policy aggregates.
+    """
+
+    kind: str = "coordinator"
+    central: int | None = None
+    coordinator_gflops: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in TOPOLOGIES:
+            raise ValueError(f"topology {self.kind!r} is unknown; choose one of {', '.join(TOPOLOGIES)}")
+        if self.kind == "device" and (self.central is None or self.central < 0):
+            raise ValueError("a 'device' topology needs the central device's index (central=0..N-1)")
+        if self.kind == "coordinator" and self.central is not None:
+            raise ValueError("a 'coordinator' topology has no central device; use kind='device' to aggregate "
+                             "on one of the devices")
+
+    def validate(self, n_devices: int) -> None:
+        """Raise if the central index does not name one of ``n_devices`` devices."""
+        if self.kind == "device" and not 0 <= int(self.central) < n_devices:  # type: ignore[arg-type]
+            raise ValueError(f"central device index {self.central} is out of range for {n_devices} devices "
+                             f"(0..{n_devices - 1})")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (stored in ``plan.json`` as ``topology``)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> Topology:
+        """Inverse of :meth:`to_dict`; ``None`` (a plan written before topologies) is the coordinator."""
+        return cls(**dict(data)) if data else cls()
 
 
 @dataclass
@@ -69,31 +127,38 @@ class Evaluation:
     t1_source: list[str] = field(default_factory=list)
     t2_ms: list[float] = field(default_factory=list)
     t3_ms: float = 0.0
-    central: str = ""
+    topology: dict[str, Any] = field(default_factory=dict)
     losses: list[float] = field(default_factory=list)
     costs: list[dict[str, Any]] = field(default_factory=list)
     violations: list[str] = field(default_factory=list)
+    proxy: str = ""
+    wire_bytes: list[int] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
         return asdict(self)
 
     def components(self) -> dict[str, Any]:
-        """Ψ, T, L_val and, per device, t1 (with its source), t2, its sub-model's loss and costs."""
-        names = [d["name"] for d in self.policy["devices"]]
-        per = {
-            n: {"t1_ms": self.t1_ms[i], "t1_source": self.t1_source[i], "t2_ms": self.t2_ms[i],
-                "L_val": self.losses[i] if self.losses else None,
-                "gflops": self.costs[i]["flops"] / 1e9 if self.costs else None,
-                "memory_mib": self.costs[i]["memory_bytes"] / 2**20 if self.costs else None}
-            for i, n in enumerate(names)
-        }
-        return {"psi": self.psi, "T_ms": self.T_ms, "L_val": self.L_val, "delta": self.delta,
-                "t3_ms": self.t3_ms, "central": self.central, "devices": per}
+        """Ψ, T, L_val and, per device (a list in policy order), t1 (with its source), t2, loss and costs."""
+        per = [
+            {"index": i, "name": d["name"], "t1_ms": self.t1_ms[i], "t1_source": self.t1_source[i],
+             "t2_ms": self.t2_ms[i], "wire_bytes": self.wire_bytes[i] if self.wire_bytes else None,
+             "L_val": self.losses[i] if self.losses else None,
+             "gflops": self.costs[i]["flops"] / 1e9 if self.costs else None,
+             "memory_mib": self.costs[i]["memory_bytes"] / 2**20 if self.costs else None}
+            for i, d in enumerate(self.policy["devices"])
+        ]
+        return {"psi": self.psi, "T_ms": self.T_ms, "L_val": self.L_val, "proxy": self.proxy, "delta": self.delta,
+                "t3_ms": self.t3_ms, "topology": self.topology, "devices": per}
 
 
 def _policy_key(policy: Policy) -> tuple:
     return tuple((s.layers, s.embed_dim, s.heads, s.mlp, d.name) for s, d in zip(policy.specs, policy.devices))
+
+
+def _standardise(train: torch.Tensor, val: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    mean, std = train.mean(0, keepdim=True), train.std(0, keepdim=True).clamp_min(1e-6)
+    return (train - mean) / std, (val - mean) / std
 
 
 class Evaluator:
@@ -101,36 +166,56 @@ class Evaluator:
 
     ``predictors`` maps device names to objects with ``predict(spec) -> ms`` (e.g.
     :class:`coformer.predictor.LatencyPredictor`); devices without one use the FLOPs estimate.
-    ``head`` replaces the teacher's task head for L_val (e.g. a linear head fitted on frozen
-    features when the teacher was never fine-tuned). ``link_mbps`` overrides every device's
-    link rate. ``cost_batch`` (default: one example of the backbone) is the input on which
-    FLOPs and memory are measured — the same batch-1 input profiling times.
+    ``topology`` places the aggregation (default: a separate coordinator, as the runtime runs);
+    ``central`` is a shorthand for ``Topology("device", central)`` (an index). ``head`` replaces
+    the teacher's task head for the ``"uncalibrated"`` proxy. ``probe_train`` is the labelled
+    training subset the ``"probe"`` proxy is fitted on. ``calib`` is the batch importance is
+    scored on (default: the first samples of ``probe_train``, else of ``val``); ``importance``
+    skips that. ``link_mbps`` overrides every device's link rate. ``cost_batch`` (default: one
+    example of the backbone) is the input FLOPs, memory and the broadcast size are measured on.
     """
 
     def __init__(self, backbone: Backbone, teacher: nn.Module, devices: Sequence[DeviceProfile], *,
                  val: TensorDataset | None = None, head: nn.Module | None = None,
                  predictors: Mapping[str, Any] | None = None, delta: float = 0.5,
-                 link_mbps: float | None = None, batch_size: int = 1, central: str | None = None,
-                 cost_batch: Batch | None = None, importance: UnitImportance | None = None,
-                 val_batch_size: int = 16):
+                 link_mbps: float | None = None, batch_size: int = 1, central: int | None = None,
+                 topology: Topology | None = None, cost_batch: Batch | None = None,
+                 importance: UnitImportance | None = None, calib: Batch | None = None,
+                 probe_train: TensorDataset | None = None, proxy: str | None = None,
+                 val_batch_size: int = 16, probe_epochs: int = 200):
         if not devices:
             raise ValueError("Evaluator needs at least one device")
+        if central is not None and topology is not None:
+            raise ValueError("pass either central= (an index) or topology=, not both")
+        if isinstance(central, str):
+            raise TypeError(f"central={central!r}: the central node is chosen by its index in the device list "
+                            f"(0..{len(devices) - 1}), not by name — several devices may share a name")
         self.backbone = backbone
         self.teacher = teacher.eval()
         self.devices = list(devices)
         self.shape = backbone.shape(teacher)
         self.val = val
-        self.head = (head if head is not None else backbone.task_head(teacher)).eval()
+        self._head = head.eval() if head is not None else None
         self.predictors = dict(predictors or {})
         self.delta = float(delta)
         self.link_mbps = link_mbps
         self.batch_size = batch_size
-        names = [d.name for d in self.devices]
-        if central is not None and central not in names:
-            raise ValueError(f"central node {central!r} is not one of the devices {names}")
-        self.central = central or max(self.devices, key=lambda d: d.gflops).name
+        self.topology = topology or (Topology("device", central) if central is not None else Topology())
+        self.topology.validate(len(self.devices))
         self.cost_batch = cost_batch if cost_batch is not None else backbone.example_batch(teacher, batch_size=1)
+        self.proxy = proxy or ("probe" if probe_train is not None else "uncalibrated")
+        if self.proxy not in PROXIES:
+            raise ValueError(f"proxy {self.proxy!r} is unknown; choose one of {', '.join(PROXIES)}")
+        if self.proxy == "probe" and probe_train is None:
+            raise ValueError("the 'probe' proxy needs labelled training data: Evaluator(probe_train=...)")
+        if probe_train is not None and len(probe_train) < 2:
+            raise ValueError(f"probe_train has {len(probe_train)} sample(s); the probe needs at least 2 labelled "
+                             f"training samples (more is better: plan uses --train-docs, default 160)")
+        self.probe_train = probe_train
+        self.probe_epochs = probe_epochs
         self._importance = importance
+        self.importance_key: str | None = None
+        self._calib = calib
         self.val_batch_size = val_batch_size
         self._costs: dict[tuple[SubModelSpec, tuple[int, ...]], SubModelCost] = {}
         self._cache: dict[tuple, Evaluation] = {}
@@ -180,47 +265,115 @@ class Evaluator:
         """The link rate r_n used for ``device`` (Mbit/s)."""
         return float(self.link_mbps if self.link_mbps is not None else device.link_mbps)
 
+    def input_bytes(self) -> int:
+        """Wire size of one request's input, as the coordinator sends it (safetensors of the batch) × batch."""
+        from coformer.transport import encode_batch
+
+        return len(encode_batch(self.cost_batch)) * self.batch_size
+
+    def aggregator_gflops(self, devices: Sequence[DeviceProfile]) -> float:
+        """Compute rate g of the node that aggregates, per the topology."""
+        if self.topology.kind == "device":
+            return devices[int(self.topology.central)].gflops  # type: ignore[arg-type]
+        return self.topology.coordinator_gflops or max(d.gflops for d in devices)
+
+    def wire_bytes(self, policy: Policy) -> list[int]:
+        """Bytes each device's link carries per request: input in + features out (0 for a central device)."""
+        x_in = self.input_bytes()
+        return [0 if self.topology.kind == "device" and i == self.topology.central
+                else x_in + spec.embed_dim * FEATURE_BYTES * self.batch_size
+                for i, spec in enumerate(policy.specs)]
+
     def latency(self, policy: Policy) -> tuple[float, list[float], list[str], list[float], float]:
         """``(T, t1, t1_source, t2, t3)`` in ms for a policy whose structure is valid."""
+        self.topology.validate(len(policy.devices))
+        wire = self.wire_bytes(policy)
         t1, src, t2 = [], [], []
-        for spec, dev in zip(policy.specs, policy.devices):
+        for i, (spec, dev) in enumerate(zip(policy.specs, policy.devices)):
             pred = self.predictors.get(dev.name)
             if pred is not None:
                 t1.append(float(pred.predict(spec)))
                 src.append("predictor")
             else:
                 t1.append(self.cost(spec).flops / (dev.gflops * 1e9) * 1000.0)
-                src.append("estimate: FLOPs / device GFLOPS")
-            if dev.name == self.central:
-                t2.append(0.0)
-            else:
-                nbytes = spec.embed_dim * FEATURE_BYTES * self.batch_size
-                t2.append(nbytes * 8 / (self.link_rate_mbps(dev) * 1e6) * 1000.0)
-        central = next(d for d in policy.devices if d.name == self.central)
+                src.append(ESTIMATE_LABEL)
+            t2.append(wire[i] * 8 / (self.link_rate_mbps(dev) * 1e6) * 1000.0)
         d_agg = sum(s.embed_dim for s in policy.specs)
-        t3 = 2.0 * self.batch_size * self.shape.embed_dim * d_agg / (central.gflops * 1e9) * 1000.0
+        g = self.aggregator_gflops(policy.devices)
+        t3 = 2.0 * self.batch_size * self.shape.embed_dim * d_agg / (g * 1e9) * 1000.0
         T = max(a + b for a, b in zip(t1, t2)) + t3
         return T, t1, src, t2, t3
 
     # -- accuracy proxy ---------------------------------------------------------------
+    def calibration_batch(self) -> Batch:
+        """The batch importance is scored on: ``calib``, else the first training (probe) samples, else validation."""
+        from coformer.importance import IMPORTANCE_SAMPLES
+
+        if self._calib is None:
+            data = self.probe_train if self.probe_train is not None else self.val
+            if data is None:
+                raise ValueError("importance needs calibration data: pass calib=, probe_train=, val= or importance=")
+            self._calib = data.batch(torch.arange(min(len(data), IMPORTANCE_SAMPLES)))
+        return self._calib
+
     def importance(self) -> UnitImportance:
-        """Unit importance, computed once on the first validation samples."""
+        """Unit importance, computed once (cached on disk by content hash) on :meth:`calibration_batch`."""
         if self._importance is None:
-            if self.val is None:
-                raise ValueError("importance needs validation data or an explicit `importance=`")
-            calib = self.val.batch(torch.arange(min(len(self.val), 8)))
-            self._importance = self.backbone.importance(self.teacher, calib)
+            from coformer.importance import shared_importance
+
+            self._importance, self.importance_key = shared_importance(self.backbone, self.teacher,
+                                                                      self.calibration_batch())
         return self._importance
 
-    def submodel_losses(self, specs: Sequence[SubModelSpec]) -> list[float]:
-        """Mean validation CE of each sliced, uncalibrated sub-model through the teacher's head."""
+    def selections(self, specs: Sequence[SubModelSpec]) -> list[UnitSelection]:
+        """The concrete units each spec gets: what is scored here and what deployment slices."""
         from coformer.decompose import assign_units
 
+        return assign_units(self.shape, specs, self.importance())
+
+    def submodel_losses(self, specs: Sequence[SubModelSpec]) -> tuple[float, list[float]]:
+        """``(L_val, per-sub-model losses)`` of the policy's sliced sub-models under the evaluator's proxy."""
         if self.val is None:
             raise ValueError("L_val needs labelled validation data (Evaluator(val=...))")
-        selections = assign_units(self.shape, specs, self.importance())  # importance needs autograd
+        selections = self.selections(specs)  # importance needs autograd
         with torch.no_grad():
-            return [self._loss(sel) for sel in selections]
+            if self.proxy == "uncalibrated":
+                losses = [self._loss(sel) for sel in selections]
+                return sum(losses) / len(losses), losses
+            return self._probe_losses(selections)
+
+    def _features(self, sub: nn.Module, data: TensorDataset) -> torch.Tensor:
+        return torch.cat([sub(**b).float() for _, b in data.batches(self.val_batch_size)])
+
+    def _probe_ce(self, train_x: torch.Tensor, val_x: torch.Tensor) -> float:
+        from coformer.heads import ClassifierHead
+        from coformer.pipeline import fit_head
+
+        assert self.probe_train is not None and self.val is not None
+        tx, vx = _standardise(train_x, val_x)
+        n_labels = int(max(self.probe_train.labels.max(), self.val.labels.max())) + 1
+        with torch.enable_grad(), torch.random.fork_rng():
+            torch.manual_seed(0)  # the probe's initial weights: the same for every policy, whatever ran before
+            head = fit_head(ClassifierHead(tx.shape[1], n_labels), tx, self.probe_train.labels,
+                            epochs=self.probe_epochs, lr=1e-2, weight_decay=1e-2, seed=0)
+        return float(nn.functional.cross_entropy(head(vx), self.val.labels))
+
+    def _probe_losses(self, selections: Sequence[UnitSelection]) -> tuple[float, list[float]]:
+        """Linear-probe CE on the concatenated features (L_val) and on each sub-model's alone."""
+        assert self.probe_train is not None and self.val is not None
+        subs = [self.backbone.slice(self.teacher, sel).eval() for sel in selections]
+        train_f = [self._features(s, self.probe_train) for s in subs]
+        val_f = [self._features(s, self.val) for s in subs]
+        per = [self._probe_ce(t, v) for t, v in zip(train_f, val_f)] if len(subs) > 1 else []
+        joint = self._probe_ce(torch.cat(train_f, 1), torch.cat(val_f, 1))
+        return joint, per or [joint]
+
+    @property
+    def head(self) -> nn.Module:
+        """The head the ``"uncalibrated"`` proxy scores through (the teacher's unless one was given)."""
+        if self._head is None:
+            self._head = self.backbone.task_head(self.teacher).eval()
+        return self._head
 
     def _loss(self, selection: UnitSelection) -> float:
         """Mean CE of one sliced sub-model: features scattered into its teacher channels, teacher head."""
@@ -242,13 +395,14 @@ class Evaluator:
             return self._cache[key]
         violations = self.check(policy)
         if violations:
-            ev = Evaluation(policy.to_dict(), False, delta=self.delta, violations=[str(v) for v in violations])
+            ev = Evaluation(policy.to_dict(), False, delta=self.delta, violations=[str(v) for v in violations],
+                            proxy=self.proxy)
         else:
             T, t1, src, t2, t3 = self.latency(policy)
-            losses = self.submodel_losses(policy.specs) if self.val is not None else []
+            L, losses = self.submodel_losses(policy.specs) if self.val is not None else (0.0, [])
             self.model_evaluations += 1 if self.val is not None else 0
-            L = sum(losses) / len(losses) if losses else 0.0
             ev = Evaluation(policy.to_dict(), True, L + self.delta * T, T, L, self.delta, t1, src, t2, t3,
-                            self.central, losses, [self.cost(s).to_dict() for s in policy.specs])
+                            self.topology.to_dict(), losses, [self.cost(s).to_dict() for s in policy.specs],
+                            proxy=self.proxy, wire_bytes=self.wire_bytes(policy))
         self._cache[key] = ev
         return ev

@@ -266,10 +266,13 @@ class Decomposition:
 
 
 def calibration_importance(backbone: Backbone, teacher: Teacher, calib_size: int = 32) -> Any:
-    """Unit importance of the teacher on the first ``calib_size`` training examples (what
-    :func:`decompose_policy` assigns units by)."""
+    """The shared unit importance of the teacher on the first ``calib_size`` training examples
+    (:func:`coformer.importance.shared_importance`: computed once, cached by content hash)."""
+    from coformer.importance import shared_importance
+
     calib = teacher.train.batch(range(min(calib_size, len(teacher.train))))
-    return backbone.importance(teacher.model, calib)
+    importance, _ = shared_importance(backbone, teacher.model, calib)
+    return importance
 
 
 def decompose_policy(backbone: Backbone, teacher: Teacher, policy: Any, *, calib_size: int = 32,

@@ -318,11 +318,14 @@ def reference_input(backbone: Backbone, teacher: nn.Module) -> Batch:
     return backbone.example_batch(teacher, batch_size=1)
 
 
-def load_teacher(backbone: Backbone, source: str | None) -> nn.Module:
-    """The teacher for profiling: ``source`` directory, the embedded default, or ``tiny`` (tests)."""
+def load_teacher(backbone: Backbone, source: str | None, **options: Any) -> nn.Module:
+    """The teacher for profiling: ``source`` directory, the embedded default, or ``tiny`` (tests).
+
+    ``options`` go to ``backbone.load`` (e.g. ``max_length``, which sets the profiled input size).
+    """
     if source == "tiny":
         return backbone.tiny().eval()
-    return backbone.load(source).eval()
+    return backbone.load(source, **options).eval()
 
 
 def _child(job_file: str) -> None:

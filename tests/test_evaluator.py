@@ -8,8 +8,16 @@ from torch import nn
 
 import coformer
 from coformer.data import TensorDataset
-from coformer.evaluator import Evaluator
+from coformer.evaluator import Evaluator, Topology
+from coformer.heads import ClassifierHead
+from coformer.pipeline import fit_head
+from coformer.transport import encode_batch
 from coformer.spec import DeviceProfile, Policy, SubModelSpec
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("COFORMER_CACHE", str(tmp_path / "cache"))
 
 
 @pytest.fixture(scope="module")
@@ -35,17 +43,58 @@ def test_T_matches_the_formula_on_a_hand_example(tiny):
     ev = Evaluator(backbone, teacher, [a, b], predictors={"a": LayersPredictor()}, batch_size=2)
     sa, sb = SubModelSpec.uniform(2, 12, 2, 20), SubModelSpec.uniform(1, 20, 2, 30)
     T, t1, src, t2, t3 = ev.latency(Policy([sa, sb], [a, b]))
-    assert ev.central == "b"  # the device with the most GFLOPS
+    assert ev.topology == Topology("coordinator")  # the runtime's: a separate coordinator
     flops_b = ev.cost(sb).flops
     assert t1 == pytest.approx([2 * 2 + 0.1 * 12, flops_b / 400e9 * 1000])
-    assert src[0] == "predictor" and src[1].startswith("estimate")
-    # |X_a| = 12 values * 2 bytes * batch 2 = 48 bytes over 8 Mbit/s; b is the central node
-    assert t2 == pytest.approx([48 * 8 / 8e6 * 1000, 0.0])
+    assert src == ["predictor", "estimate (FLOPs/GFLOPS)"]
+    # every device receives the input (safetensors bytes × batch 2) and returns d_n fp16 values × batch 2
+    x_in = len(encode_batch(ev.cost_batch)) * 2
+    assert x_in > 0 and ev.input_bytes() == x_in
+    assert t2 == pytest.approx([(x_in + 48) * 8 / 8e6 * 1000, (x_in + 80) * 8 / 16e6 * 1000])
     d = backbone.shape(teacher).embed_dim
+    # the coordinator's rate defaults to the strongest device's GFLOPS
     assert t3 == pytest.approx(2 * 2 * d * (12 + 20) / 400e9 * 1000)
     assert T == pytest.approx(max(t1[0] + t2[0], t1[1] + t2[1]) + t3)
     ev_link = Evaluator(backbone, teacher, [a, b], link_mbps=1000.0, batch_size=2)
-    assert ev_link.latency(Policy([sa, sb], [a, b]))[3][0] == pytest.approx(48 * 8 / 1e9 * 1000)
+    assert ev_link.latency(Policy([sa, sb], [a, b]))[3][0] == pytest.approx((x_in + 48) * 8 / 1e9 * 1000)
+    # central node on device a (index 0): a's t2 is 0, b pays its own link, t3 runs at a's rate
+    ev_dev = Evaluator(backbone, teacher, [a, b], topology=Topology("device", 0), batch_size=2)
+    _, _, _, t2d, t3d = ev_dev.latency(Policy([sa, sb], [a, b]))
+    assert t2d == pytest.approx([0.0, (x_in + 80) * 8 / 16e6 * 1000])
+    assert t3d == pytest.approx(2 * 2 * d * (12 + 20) / 100e9 * 1000)
+
+
+def test_only_the_central_device_skips_t2_even_when_devices_share_its_name(tiny):
+    """Old code gave t2 = 0 to every device named like the central node: two TX2s both counted as central."""
+    backbone, teacher, _ = tiny
+    tx2 = DeviceProfile("jetson-tx2", memory_gb=8, gflops=665.6, power_w=15, link_mbps=2.0)
+    nano = DeviceProfile("jetson-nano", memory_gb=4, gflops=235.8, power_w=10, link_mbps=2.0)
+    devs = [tx2, tx2, nano]
+    spec = SubModelSpec.uniform(1, 8, 1, 16)
+    policy = Policy([spec] * 3, devs)
+    ev = Evaluator(backbone, teacher, devs, central=0)
+    t2 = ev.latency(policy)[3]
+    assert t2[0] == 0.0
+    assert t2[1] > 0.0 and t2[1] == pytest.approx(t2[2])  # the second TX2 crosses its link like the Nano
+    # with the runtime's separate coordinator nobody is central: every device pays its link
+    assert all(t > 0 for t in Evaluator(backbone, teacher, devs).latency(policy)[3])
+    comp = ev.evaluate(policy).components()
+    assert [d["index"] for d in comp["devices"]] == [0, 1, 2]  # duplicate names are not merged
+    assert comp["topology"] == {"kind": "device", "central": 0, "coordinator_gflops": None}
+
+
+def test_topology_round_trips_and_rejects_bad_input(tiny):
+    backbone, teacher, _ = tiny
+    topo = Topology("device", 2)
+    assert Topology.from_dict(topo.to_dict()) == topo and Topology.from_dict(None) == Topology()
+    with pytest.raises(ValueError, match="needs the central device's index"):
+        Topology("device")
+    with pytest.raises(ValueError, match="topology 'star' is unknown"):
+        Topology("star")
+    with pytest.raises(ValueError, match="index 3 is out of range for 1 devices"):
+        Evaluator(backbone, teacher, [DeviceProfile("a", 1, 1.0, 1)], topology=Topology("device", 3))
+    with pytest.raises(TypeError, match="chosen by its index in the device list"):
+        Evaluator(backbone, teacher, [DeviceProfile("a", 1, 1.0, 1)], central="a")
 
 
 def test_L_val_of_the_full_spec_is_the_teachers_loss(tiny):
@@ -105,7 +154,28 @@ def test_resource_violations_name_device_and_amount(tiny):
     assert ev.model_evaluations == 0 and ev._importance is None
 
 
-def test_unknown_central_node_is_rejected(tiny):
-    backbone, teacher, _ = tiny
-    with pytest.raises(ValueError, match="central node 'z' is not one of the devices"):
-        Evaluator(backbone, teacher, [DeviceProfile("a", 1, 1.0, 1)], central="z")
+def test_probe_proxy_is_a_linear_probe_on_the_deployed_units(tiny):
+    backbone, teacher, val = tiny
+    train = TensorDataset(backbone.example_batch(teacher, batch_size=12, seed=2), torch.arange(12) % 3)
+    devs = [DeviceProfile(n, memory_gb=8, gflops=1000.0, power_w=5) for n in ("x", "y")]
+    ev = Evaluator(backbone, teacher, devs, val=val, probe_train=train, probe_epochs=50)
+    assert ev.proxy == "probe"
+    specs = [SubModelSpec.uniform(1, 16, 2, 32), SubModelSpec.uniform(2, 12, 2, 16)]
+    res = ev.evaluate(Policy(specs, devs))
+    # by hand: slice the units the evaluator assigns, standardise on train, fit the same head, CE on val
+    with torch.no_grad():
+        subs = [backbone.slice(teacher, sel).eval() for sel in ev.selections(specs)]
+        tx = torch.cat([s(**train.inputs) for s in subs], 1)
+        vx = torch.cat([s(**val.inputs) for s in subs], 1)
+    mean, std = tx.mean(0, keepdim=True), tx.std(0, keepdim=True).clamp_min(1e-6)
+    torch.manual_seed(0)
+    head = fit_head(ClassifierHead(tx.shape[1], 3), (tx - mean) / std, train.labels, epochs=50, lr=1e-2,
+                    weight_decay=1e-2, seed=0)
+    with torch.no_grad():
+        expected = float(nn.functional.cross_entropy(head((vx - mean) / std), val.labels))
+    assert res.proxy == "probe" and res.L_val == pytest.approx(expected, rel=1e-4)
+    assert len(res.losses) == 2
+    # importance was scored on the first training samples, not on validation data
+    assert ev.calibration_batch()["input_ids"].equal(train.inputs["input_ids"])
+    with pytest.raises(ValueError, match="'probe' proxy needs labelled training data"):
+        Evaluator(backbone, teacher, devs, val=val, proxy="probe")

@@ -160,6 +160,28 @@ def test_workers_answer_over_shaped_links_and_2mbit_is_slower(bed: Testbed, tiny
 
 
 @needs_root
+def test_profile_through_a_testbed_worker_trains_its_predictor(bed: Testbed, tmp_path: Path) -> None:
+    """Step 1 of examples/testbed_loop.sh: a device is profiled by its worker, inside its namespace and quota."""
+    from coformer.cli import build_cli
+    from coformer.predictor import LatencyPredictor
+
+    w = bed.workers[1]
+    out = tmp_path / f"{w.device}.json"
+    res = CliRunner().invoke(build_cli(), ["profile", "--source", "tiny", "--device-name", w.device, "--worker",
+                                           w.uri, "--shapes", "8", "--repeats", "2", "--warmup", "1",
+                                           "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    prof = json.loads(out.read_text())
+    assert prof["meta"]["where"] == "remote" and prof["meta"]["uri"] == w.uri and len(prof["records"]) == 8
+    assert all(r["latency_ms"] > 0 for r in prof["records"])
+    report = json.loads((tmp_path / f"{w.device}-predictor-report.json").read_text())
+    assert report["device"] == w.device and report["held_out_shapes"] == 2
+    assert report["predictor"]["mape_pct"] >= 0 and "MAPE" in res.output
+    pred = LatencyPredictor.load(tmp_path / f"{w.device}-predictor.json")
+    assert pred.device_name == w.device
+
+
+@needs_root
 def test_down_leaves_nothing_behind(bed: Testbed) -> None:
     from coformer.cli import build_cli
 
@@ -199,3 +221,4 @@ def test_up_refuses_to_overwrite_a_running_testbed(tmp_path: Path) -> None:
     state.write_text(json.dumps({"prefix": "x", "workers": []}))
     with pytest.raises(TestbedError, match="testbed down"):
         up(DEVICES, RATES, state_file=state)
+

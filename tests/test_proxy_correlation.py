@@ -1,0 +1,45 @@
+"""examples/proxy_correlation.py: the rank statistic is Spearman's, and the quick run writes a full report."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("proxy_correlation", ROOT / "examples" / "proxy_correlation.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_spearman_is_a_rank_correlation_with_average_ties():
+    rho = _module().spearman
+    assert rho([1, 2, 3, 4], [10, 20, 30, 1000]) == pytest.approx(1.0)  # monotone, not linear
+    assert rho([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    # ties get average ranks: ranks a = 1, 2.5, 2.5, 4; b = 1, 2, 3, 4 → Pearson of ranks
+    assert rho([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(0.9486833, rel=1e-6)
+
+
+@pytest.mark.slow
+def test_quick_run_reports_both_proxies_against_calibrated_accuracy(tmp_path: Path) -> None:
+    run = subprocess.run([sys.executable, str(ROOT / "examples" / "proxy_correlation.py"), "--quick",
+                          "--policies", "3", "--out", str(tmp_path / "out")], capture_output=True, text=True,
+                         timeout=1500, env={**os.environ, "COFORMER_CACHE": str(tmp_path / "cache")})
+    assert run.returncode == 0, run.stderr[-3000:]
+    doc = json.loads((tmp_path / "out" / "proxy_correlation.json").read_text())
+    assert doc["policies"] == 3 and len(doc["rows"]) == 3
+    for row in doc["rows"]:
+        assert row["probe_L_val"] > 0 and row["uncalibrated_L_val"] > 0
+        assert 0 <= row["calibrated_val_accuracy"] <= 100
+        assert len(row["policy"]) == 3  # Nano, TX2, Orin Nano
+    assert -1 <= doc["spearman_probe"] <= 1 and -1 <= doc["spearman_uncalibrated"] <= 1
+    assert doc["calibration"]["epochs"] == 1 and "Spearman rho" in run.stdout
