@@ -72,8 +72,12 @@ def _hf_name(module_path: str) -> str:
 
 def extract_weights(onnx_path: str | Path) -> dict[str, np.ndarray]:
     """The encoder's float32 weights under their ``T5EncoderModel`` names (dequantised, ``[out, in]``)."""
-    import onnx
-    from onnx import numpy_helper
+    try:
+        import onnx
+        from onnx import numpy_helper
+    except ImportError as exc:
+        raise ImportError("converting the int8 Flan-T5 ONNX needs the `onnx` package: "
+                          "pip install 'coformer[flan_t5]' (or pip install onnx)") from exc
 
     graph = onnx.load(str(onnx_path)).graph
     inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
