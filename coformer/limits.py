@@ -93,8 +93,12 @@ def check_batch(batch: Batch, model: nn.Module, limits: RequestLimits) -> int:
         raise BadRequestError(f"input batch has unexpected keys {unknown}; the sub-model takes "
                               f"{sorted(required | optional)}")
     own = model_input_limits(model)
-    sizes = {k: (v.shape[0] if v.dim() else None) for k, v in batch.items()}
-    if any(s is None for s in sizes.values()) or len(set(sizes.values())) != 1:
+    scalars = {k: v for k, v in batch.items() if v.dim() == 0}  # control values, e.g. a tensor shard's layer
+    bad = sorted(k for k, v in scalars.items() if v.dtype not in _TOKEN_DTYPES)
+    if bad:
+        raise BadRequestError(f"{bad}: a scalar input must be an integer control value")
+    sizes = {k: v.shape[0] for k, v in batch.items() if v.dim()}
+    if len(set(sizes.values())) != 1:
         raise BadRequestError(f"every input needs the same leading batch dimension; got {sizes}")
     b = next(iter(sizes.values()))
     if b < 1:
@@ -103,6 +107,8 @@ def check_batch(batch: Batch, model: nn.Module, limits: RequestLimits) -> int:
         raise RequestTooLargeError(f"batch of {b} examples is over this worker's limit of {limits.max_batch}; "
                                    f"split it (the coordinator does) or raise --max-batch")
     for key, t in batch.items():
+        if key in scalars:
+            continue
         if key.endswith("_ids") and t.dtype not in _TOKEN_DTYPES:
             raise BadRequestError(f"{key}: token ids must be integer, got {t.dtype}")
         if t.is_floating_point() and t.dim() == 4:
@@ -111,6 +117,10 @@ def check_batch(batch: Batch, model: nn.Module, limits: RequestLimits) -> int:
             if pixels > cap:
                 raise RequestTooLargeError(f"{key}: {t.shape[2]}x{t.shape[3]} = {pixels} pixels per example is over "
                                            f"the limit of {cap}")
+        elif t.is_floating_point() and t.dim() == 3:  # hidden states a pipeline stage takes: [B, tokens, d]
+            cap = min(limits.max_tokens, own["max_tokens"] or limits.max_tokens)
+            if t.shape[1] > cap:
+                raise RequestTooLargeError(f"{key}: {t.shape[1]} tokens per example is over the limit of {cap}")
         elif t.is_floating_point() and t.dim() == 2:  # e.g. a float attention mask
             cap = min(limits.max_tokens, own["max_tokens"] or limits.max_tokens)
             if t.shape[1] > cap:
