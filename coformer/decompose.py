@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from coformer.backbone import UnitImportance
-from coformer.spec import ConstraintError, ModelShape, SubModelSpec, UnitSelection, Violation, check_structure
+from coformer.spec import ConstraintError, ModelShape, SubModelSpec, UnitSelection, check_structure
 
 
 def deal(scores: Tensor, quotas: Sequence[int], group: int = 1) -> list[tuple[int, ...]]:
