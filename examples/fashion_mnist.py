@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 
 import coformer
-from coformer.booster import BoosterConfig, calibrate, submodel_features, teacher_hard_labels, train_aggregator
+from coformer.booster import (WEIGHT_RULES, BoosterConfig, calibrate, submodel_features, teacher_hard_labels,
+                              train_aggregator)
 from coformer.data import RawSplit, TensorDataset
 from coformer.decompose import proportional_specs
 from coformer.vision_data import load_fashion_mnist, stratified_subset
@@ -85,8 +86,8 @@ def main() -> None:
     ap.add_argument("--test", type=int, default=1000, help="test images (stratified subset of the 10k)")
     ap.add_argument("--epochs", type=int, default=2, help="teacher fine-tuning epochs")
     ap.add_argument("--calib-epochs", type=int, default=2, help="booster epochs per sub-model")
-    ap.add_argument("--weight-rule", choices=["boost", "seed"], default="seed",
-                    help="seed: with 'boost' the 2nd and 3rd sub-models collapsed to 15-17%% here (hard "
+    ap.add_argument("--weight-rule", choices=WEIGHT_RULES, default="seed-unweighted",
+                    help="seed-unweighted: with 'boost' the 2nd and 3rd sub-models collapsed to 15-17%% here (hard "
                          "samples of a ~50%% model dominate their weights)")
     ap.add_argument("--lr-schedule", choices=["constant", "cosine"], default="cosine")
     ap.add_argument("--feature-weight", type=float, default=1.0,
