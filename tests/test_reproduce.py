@@ -78,5 +78,7 @@ def test_coformer_demo_json_matches_the_committed_figures(tmp_path: Path) -> Non
                          capture_output=True, text=True, timeout=1200,
                          env={**os.environ, "COFORMER_CACHE": str(tmp_path / "cache")})
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert rep.REFERENCE.is_file(), (f"{rep.REFERENCE} is missing: run `python examples/reproduce.py --quick "
+                                     f"--update` on the pinned torch and commit it")
     reference = json.loads(rep.REFERENCE.read_text())
     assert rep.compare_with_reference(json.loads(out.read_text()), reference) == []
