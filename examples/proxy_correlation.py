@@ -165,7 +165,8 @@ def main() -> None:
         accs = [r["calibrated_val_accuracy"] for r in rows]
         summary = {
             "command": "examples/proxy_correlation.py " + " ".join(
-                f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
+                f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
+                for k, v in vars(args).items() if v is not False and v is not None),
             "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
             "importance_key": key, "calibration": {"epochs": config.epochs, "train_docs": len(calib_train),
                                                    "aggregator": args.aggregator, "val_docs": len(teacher.val)},
