@@ -53,7 +53,7 @@ def training_subset(backbone: Backbone, teacher: nn.Module, n: int, seed: int = 
     """``n`` labelled BBC News training documents (a fixed random subset), prepared by the teacher."""
     from coformer.data import load_bbc_news
 
-    data = load_bbc_news(seed=seed)
+    data = load_bbc_news()  # THE split: ``seed`` only picks which training docs are used
     tx, ty = _subset(data.train.examples, data.train.labels, n, seed)
     return TensorDataset(backbone.prepare(teacher, tx), torch.tensor(ty))
 
