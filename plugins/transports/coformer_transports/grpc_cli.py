@@ -10,7 +10,7 @@ import threading
 import click
 from click.core import ParameterSource
 
-from coformer.admission import mb
+from coformer.admission import mb, warm_up
 from coformer.limits import RequestLimits
 from coformer_transports.grpc_transport import WorkerServer, is_loopback, serve, split_hostport
 
@@ -62,6 +62,7 @@ def add_worker_command(cli: click.Group) -> None:
             limits = RequestLimits(max_batch=max_batch, max_tokens=max_tokens, max_pixels=max_pixels,
                                    max_input_bytes=max_input_mb * 2**20)
             host, _ = split_hostport(listen)
+            warm_up()  # before announcing: the first load after a restart is then fast
             server = serve(listen, name=name, threads=threads, token=token, tls_cert=tls_cert, tls_key=tls_key,
                            allow_remote=explicit, max_message_bytes=max_message_mb * 1024 * 1024,
                            max_workers=rpc_threads, limits=limits, max_inflight=max_inflight,
