@@ -103,10 +103,14 @@ def serve_until_signalled(server: WorkerServer, grace: float, *, announce: str) 
         pass
     started = server.inflight
     cut = server.drain(grace)
-    if cut:
-        click.echo(f"worker stopped: {cut} of {started} in-flight call(s) cut after the {grace:g}s grace", err=True)
-    else:
-        click.echo(f"worker stopped cleanly: {started} in-flight call(s) finished", err=True)
-    sys.stdout.flush()
-    sys.stderr.flush()
+    try:  # whoever started the worker may have closed its pipes: the exit code must not depend on that
+        if cut:
+            click.echo(f"worker stopped: {cut} of {started} in-flight call(s) cut after the {grace:g}s grace",
+                       err=True)
+        else:
+            click.echo(f"worker stopped cleanly: {started} in-flight call(s) finished", err=True)
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except OSError:
+        pass
     return 3 if cut else 0
