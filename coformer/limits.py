@@ -93,8 +93,9 @@ def check_batch(batch: Batch, model: nn.Module, limits: RequestLimits) -> int:
         raise BadRequestError(f"input batch has unexpected keys {unknown}; the sub-model takes "
                               f"{sorted(required | optional)}")
     own = model_input_limits(model)
-    sizes = {k: (v.shape[0] if v.dim() else None) for k, v in batch.items()}
-    if any(s is None for s in sizes.values()) or len(set(sizes.values())) != 1:
+    # rank-0 tensors are per-call scalars (e.g. a tensor-parallel shard's layer index), not examples
+    sizes = {k: v.shape[0] for k, v in batch.items() if v.dim()}
+    if len(set(sizes.values())) != 1:
         raise BadRequestError(f"every input needs the same leading batch dimension; got {sizes}")
     b = next(iter(sizes.values()))
     if b < 1:
@@ -103,6 +104,8 @@ def check_batch(batch: Batch, model: nn.Module, limits: RequestLimits) -> int:
         raise RequestTooLargeError(f"batch of {b} examples is over this worker's limit of {limits.max_batch}; "
                                    f"split it (the coordinator does) or raise --max-batch")
     for key, t in batch.items():
+        if t.dim() == 0:
+            continue
         if key.endswith("_ids") and t.dtype not in _TOKEN_DTYPES:
             raise BadRequestError(f"{key}: token ids must be integer, got {t.dtype}")
         if t.is_floating_point() and t.dim() == 4:
@@ -111,7 +114,7 @@ def check_batch(batch: Batch, model: nn.Module, limits: RequestLimits) -> int:
             if pixels > cap:
                 raise RequestTooLargeError(f"{key}: {t.shape[2]}x{t.shape[3]} = {pixels} pixels per example is over "
                                            f"the limit of {cap}")
-        elif t.is_floating_point() and t.dim() == 2:  # e.g. a float attention mask
+        elif t.is_floating_point() and t.dim() in (2, 3):  # a float mask, or hidden states [B, T, d]
             cap = min(limits.max_tokens, own["max_tokens"] or limits.max_tokens)
             if t.shape[1] > cap:
                 raise RequestTooLargeError(f"{key}: {t.shape[1]} tokens per example is over the limit of {cap}")
