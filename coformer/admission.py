@@ -40,6 +40,9 @@ MAX_HEADER_BYTES = 8 * 1024 * 1024
 #: A sub-model config is a small JSON document: bounded scalars and nesting.
 MAX_CONFIG_SCALARS = 200_000
 MAX_CONFIG_DEPTH = 16
+#: Largest integer a config may hold (2**24: above any real vocabulary, context or width). It also
+#: bounds what a builder can allocate in plain Python before any tensor exists (``"x" * n``).
+MAX_CONFIG_INT = 2**24
 #: Share of the machine's available memory a worker admits by default.
 DEFAULT_BUDGET_SHARE = 0.5
 
@@ -83,6 +86,21 @@ def default_memory_budget() -> int:
     return int(available_memory_bytes() * DEFAULT_BUDGET_SHARE)
 
 
+def warm_up() -> None:
+    """Pay one-time costs now (torch's meta-device kernels, plugin imports), not in the first load.
+
+    The first meta-device build in a process imports torch's meta registrations (seconds);
+    a worker calls this before it announces itself, so a restarted worker reloads at once.
+    """
+    from coformer.registry import list_plugins
+
+    list_plugins("backbone")
+    with torch.device("meta"):
+        nn.Embedding(2, 2)
+        nn.LayerNorm(2)
+        nn.Linear(2, 2)
+
+
 def check_config_sanity(config: Any) -> dict[str, Any]:
     """Refuse configs that are not JSON objects of bounded size with finite, non-negative numbers."""
     if not isinstance(config, dict):
@@ -105,8 +123,9 @@ def check_config_sanity(config: Any) -> dict[str, Any]:
         elif isinstance(value, int):
             if value < 0 and not where.endswith(("_id", "_index", "token")):
                 raise AdmissionError(f"{where} = {value}: dimensions and counts cannot be negative")
-            if value >= 2**62:
-                raise AdmissionError(f"{where} = {value}: absurdly large; fix the config")
+            if value > MAX_CONFIG_INT:
+                raise AdmissionError(f"{where} = {value}: over {MAX_CONFIG_INT:,}, absurdly large for a "
+                                     f"dimension or count; fix the config")
         elif isinstance(value, float):
             if not math.isfinite(value):
                 raise AdmissionError(f"{where} = {value}: numbers in a config must be finite")

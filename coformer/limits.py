@@ -117,11 +117,7 @@ def check_batch(batch: Batch, model: nn.Module, limits: RequestLimits) -> int:
             if pixels > cap:
                 raise RequestTooLargeError(f"{key}: {t.shape[2]}x{t.shape[3]} = {pixels} pixels per example is over "
                                            f"the limit of {cap}")
-        elif t.is_floating_point() and t.dim() == 3:  # hidden states a pipeline stage takes: [B, tokens, d]
-            cap = min(limits.max_tokens, own["max_tokens"] or limits.max_tokens)
-            if t.shape[1] > cap:
-                raise RequestTooLargeError(f"{key}: {t.shape[1]} tokens per example is over the limit of {cap}")
-        elif t.is_floating_point() and t.dim() == 2:  # e.g. a float attention mask
+        elif t.is_floating_point() and t.dim() in (2, 3):  # a float mask, or hidden states [B, T, d]
             cap = min(limits.max_tokens, own["max_tokens"] or limits.max_tokens)
             if t.shape[1] > cap:
                 raise RequestTooLargeError(f"{key}: {t.shape[1]} tokens per example is over the limit of {cap}")

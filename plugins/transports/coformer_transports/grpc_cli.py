@@ -10,7 +10,7 @@ import threading
 import click
 from click.core import ParameterSource
 
-from coformer.admission import mb
+from coformer.admission import mb, warm_up
 from coformer.limits import RequestLimits
 from coformer_transports.grpc_transport import WorkerServer, is_loopback, serve, split_hostport
 
@@ -62,6 +62,7 @@ def add_worker_command(cli: click.Group) -> None:
             limits = RequestLimits(max_batch=max_batch, max_tokens=max_tokens, max_pixels=max_pixels,
                                    max_input_bytes=max_input_mb * 2**20)
             host, _ = split_hostport(listen)
+            warm_up()  # before announcing: the first load after a restart is then fast
             server = serve(listen, name=name, threads=threads, token=token, tls_cert=tls_cert, tls_key=tls_key,
                            allow_remote=explicit, max_message_bytes=max_message_mb * 1024 * 1024,
                            max_workers=rpc_threads, limits=limits, max_inflight=max_inflight,
@@ -102,10 +103,14 @@ def serve_until_signalled(server: WorkerServer, grace: float, *, announce: str) 
         pass
     started = server.inflight
     cut = server.drain(grace)
-    if cut:
-        click.echo(f"worker stopped: {cut} of {started} in-flight call(s) cut after the {grace:g}s grace", err=True)
-    else:
-        click.echo(f"worker stopped cleanly: {started} in-flight call(s) finished", err=True)
-    sys.stdout.flush()
-    sys.stderr.flush()
+    try:  # whoever started the worker may have closed its pipes: the exit code must not depend on that
+        if cut:
+            click.echo(f"worker stopped: {cut} of {started} in-flight call(s) cut after the {grace:g}s grace",
+                       err=True)
+        else:
+            click.echo(f"worker stopped cleanly: {started} in-flight call(s) finished", err=True)
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except OSError:
+        pass
     return 3 if cut else 0
