@@ -44,11 +44,12 @@ def build_cli() -> click.Group:
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors caused by input (names, files, plans): shown as one clear message, not a traceback."""
     from coformer.artifacts import ArtifactError
-    from coformer.data import DatasetUnavailableError
+    from coformer.data import DatasetError
+    from coformer.plan_document import PlanDocumentError
     from coformer.registry import UnknownPluginError
     from coformer.spec import ConstraintError
 
-    return (UnknownPluginError, ConstraintError, ArtifactError, DatasetUnavailableError, FileNotFoundError)
+    return (UnknownPluginError, ConstraintError, ArtifactError, DatasetError, PlanDocumentError, FileNotFoundError)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -219,6 +219,7 @@ def plan_cmd(backbone_name: str, source: str | None, teacher_dir: str | None, de
     import coformer
     from coformer.evaluator import Evaluator
     from coformer.importance import IMPORTANCE_SAMPLES, importance_record
+    from coformer.plan_document import SEARCHED, write_plan_document
     from coformer.spec import resolve_devices
 
     t0 = time.perf_counter()
@@ -247,7 +248,6 @@ def plan_cmd(backbone_name: str, source: str | None, teacher_dir: str | None, de
 
         result = search.search(ev, trials, on_trial=on_trial)
     out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
     policy = result.best_policy
     policy.meta.update({"strategy": strategy, "backbone": backbone_name})
     doc = {
@@ -268,7 +268,7 @@ def plan_cmd(backbone_name: str, source: str | None, teacher_dir: str | None, de
         "seconds": time.perf_counter() - t0,
         "trials": [t.to_dict() for t in result.trials],
     }
-    (out_dir / "plan.json").write_text(json.dumps(doc, indent=2))
+    write_plan_document(out_dir, doc, SEARCHED)
     plot_convergence(result, out_dir / "convergence.png")
     comp = result.best.components()
     console.print(f"best Ψ {comp['psi']:.4f} = L_val {comp['L_val']:.4f} + {delta}·T {comp['T_ms']:.3f} ms "

@@ -12,7 +12,6 @@ sha256 of the saved teacher, data set, path), which ``coformer bench`` checks.
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from dataclasses import dataclass
@@ -45,6 +44,7 @@ from coformer.pipeline import (
     teacher_figures,
     teacher_record,
 )
+from coformer.plan_document import PlanDocumentError, read_plan_document
 from coformer.runtime import Coordinator
 from coformer.spec import ConstraintError, Policy, Violation, resolve_devices
 
@@ -77,12 +77,9 @@ def default_dataset(modality: str) -> RawDataset:
 
 
 def _plan_doc(plan_dir: str | Path) -> dict[str, Any]:
-    path = Path(plan_dir) / "plan.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: pass a directory written by `coformer plan --out DIR`")
-    doc = json.loads(path.read_text())
+    doc = read_plan_document(plan_dir)
     if "policy" not in doc:
-        raise ValueError(f"{path} has no 'policy' entry; was it written by `coformer plan`?")
+        raise PlanDocumentError(f"{Path(plan_dir) / 'plan.json'} has no 'policy' entry; re-run `coformer plan`")
     return doc
 
 

@@ -13,6 +13,7 @@ from coformer.artifacts import load_plan
 from coformer.booster import BoosterConfig
 from coformer.data import RawSplit, load_bbc_news
 from coformer.demo import load_policy, render, run_demo
+from coformer.plan_document import write_plan_document
 from coformer.spec import ConstraintError, Policy, SubModelSpec, resolve_devices
 
 
@@ -75,7 +76,7 @@ def test_demo_rejects_an_infeasible_plan_before_calibrating(small_bbc, tmp_path,
     monkeypatch.setenv("COFORMER_CACHE", str(tmp_path / "cache"))
     devices = resolve_devices("jetson-nano,jetson-tx2")
     bad = Policy([SubModelSpec.uniform(6, 300, 6, 800), SubModelSpec.uniform(6, 200, 7, 800)], devices)
-    (tmp_path / "plan.json").write_text(json.dumps({"policy": bad.to_dict()}))
+    write_plan_document(tmp_path, {"policy": bad.to_dict()}, "searched")
     assert load_policy(tmp_path).specs == bad.specs
     calibrated = []
 
