@@ -13,6 +13,11 @@ from coformer.registry import list_plugins
 
 console = Console()
 
+#: ``--data`` help, shared by every stage that reads a data set.
+DATA_HELP = ("Data set: a registered name (`coformer plugins` lists them) or a URI such as "
+             "csv:PATH?text=COL&label=COL, jsonl:PATH?text=KEY&label=KEY, imagefolder:DIR "
+             "(default: the data set installed as the default for the backbone's modality).")
+
 
 @click.group()
 @click.version_option(package_name="coformer")
