@@ -29,6 +29,10 @@ class PlanDocumentError(ValueError):
     """``plan.json`` is missing, unreadable, of another format version, or of an earlier stage than needed."""
 
 
+class PlanNotFoundError(PlanDocumentError, FileNotFoundError):
+    """The directory has no ``plan.json``."""
+
+
 def stamp(doc: dict[str, Any], stage: str) -> dict[str, Any]:
     """``doc`` with ``format_version`` and ``stage`` first (the fields every reader checks)."""
     if stage not in STAGES:
@@ -81,7 +85,7 @@ def read_plan_document(directory: str | Path, *, needs: str = SEARCHED) -> dict[
     """``directory/plan.json``, checked by :func:`check_plan_document`."""
     path = Path(directory) / "plan.json"
     if not path.exists():
-        raise PlanDocumentError(f"{path} not found: pass a directory written by {_ADDED_BY[needs]}")
+        raise PlanNotFoundError(f"{path} not found: pass a directory written by {_ADDED_BY[needs]}")
     try:
         doc = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
