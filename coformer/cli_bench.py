@@ -210,7 +210,7 @@ def bench_cmd(plan_dir: str, testbed: bool, workers: str | None, teacher_dir: st
             log(f"device count: {len(devs)} device(s) at {dc_rate:g} Mbit/s")
             rows.append(with_workers(devs, dc_body))
         doc["device_count"] = sorted(rows, key=lambda r: len(r["devices"]))
-    doc["command"] = {"plan": str(plan_dir), "testbed": testbed, "workers": uris, "link_mbps": rates,
+    doc["command"] = {"plan": str(plan_dir), "data": data.name, "testbed": testbed, "workers": uris, "link_mbps": rates,
                       "requests": requests, "warmup": warmup, "batch_size": batch_size}
     paths = write_outputs(doc, out_dir)
     console.print(paths["table"].read_text())

@@ -93,6 +93,19 @@ def test_calibrate_without_a_plan_uses_the_proportional_default(flow: Any) -> No
     assert all(s.layers == 1 for s in policy.specs) and "proportional" in policy.meta["source"]
     assert plan.meta["searched"] is None
 
+    # bench without --data measures accuracy on the data set the plan records: the CSV's test split
+    _cli("bench", "--plan", str(root / "proportional"), "--workers", "inproc://flow-0,inproc://flow-1",
+         "--link-mbps", "1000", "--requests", "1", "--warmup", "0", "--out", str(root / "bench"))
+    doc = json.loads((root / "bench" / "bench.json").read_text())
+    assert doc["command"]["data"] == coformer.create_dataset(flow["data"]).uri
+    backbone = coformer.create_backbone("bert")
+    teacher = backbone.load(plan.meta["teacher"]["path"], max_length=16).eval()
+    test = encode(backbone, teacher, coformer.load_dataset(flow["data"]).test)
+    with torch.inference_mode():
+        logits = backbone.task_head(teacher)(backbone.features(teacher, test.batch(torch.arange(len(test)))))
+    assert doc["accuracy"]["teacher"]["accuracy"] == pytest.approx(accuracy(logits, test.labels), abs=0.01)
+    assert f"measured on {len(test)} test examples" in doc["accuracy"]["teacher"]["source"]
+
 
 def test_calibrate_refuses_a_missing_data_file_clearly(flow: Any, tmp_path: Path) -> None:
     res = CliRunner().invoke(build_cli(), ["calibrate", "--data", f"csv:{tmp_path / 'nope.csv'}", "--source",
