@@ -24,7 +24,14 @@ from coformer.compressed import search_settings
 from coformer.data import RawDataset
 from coformer.decompose import proportional_specs
 from coformer.heads import StudentHead, head_input_dim
-from coformer.pipeline import Teacher, accuracy, calibration_importance, decompose_policy, prepare_teacher, teacher_record
+from coformer.pipeline import (
+    Teacher,
+    accuracy,
+    calibration_importance,
+    decompose_policy,
+    prepare_teacher,
+    teacher_record,
+)
 from coformer.plan_document import PlanDocumentError, read_plan_document
 from coformer.spec import ConstraintError, Policy, Violation, resolve_devices
 

@@ -32,7 +32,8 @@ def test_load_plan_on_a_search_result_names_the_missing_stage_and_command(tmp_pa
 def test_older_and_newer_format_versions_are_refused(tmp_path: Path) -> None:
     doc = {**_searched_doc(), "format": 1, "sha256": {}}  # a packaged document of format 1
     (tmp_path / "plan.json").write_text(json.dumps(doc))
-    with pytest.raises(PlanDocumentError, match=f"version 1, older than the version this coformer reads \\({FORMAT_VERSION}\\)"):
+    older = f"version 1, older than the version this coformer reads \\({FORMAT_VERSION}\\)"
+    with pytest.raises(PlanDocumentError, match=older):
         load_plan(tmp_path)
     newer = {**_searched_doc(), "format_version": FORMAT_VERSION + 1, "stage": "packaged"}
     with pytest.raises(PlanDocumentError, match="newer.*upgrade coformer"):
