@@ -55,3 +55,14 @@ def test_missing_and_malformed_plan_json_are_clear_errors(tmp_path: Path) -> Non
         read_plan_document(tmp_path)
     with pytest.raises(PlanDocumentError, match="unknown stage 'decomposed'"):
         check_plan_document({"format_version": FORMAT_VERSION, "stage": "decomposed"}, "x/plan.json")
+
+
+def test_bench_on_a_search_result_prints_the_missing_stage_not_a_traceback(tmp_path: Path, capsys) -> None:
+    from coformer.cli import main
+
+    write_plan_document(tmp_path, _searched_doc(), "searched")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--plan", str(tmp_path), "--workers", "inproc://a,inproc://b", "--out", str(tmp_path / "b")])
+    assert exit_info.value.code != 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "is a 'searched' plan" in out and "coformer calibrate --plan DIR" in out and "Traceback" not in out
