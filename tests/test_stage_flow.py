@@ -125,3 +125,19 @@ def test_demo_runs_on_a_csv_and_records_its_uri(flow: Any) -> None:
     assert result.meta["test_size"] == len(coformer.load_dataset(flow["data"]).test.labels)
     plan = load_plan(result.plan_dir)
     assert plan.meta["dataset"] == canonical and plan.meta["teacher"]["dataset"] == canonical
+
+
+def test_profile_measures_on_the_chosen_data_sets_first_validation_example(flow: Any) -> None:
+    from coformer.profiler import reference_input
+
+    backbone = coformer.create_backbone("bert")
+    teacher = backbone.load(flow["ckpt"], max_length=16).eval()
+    data = coformer.load_dataset(flow["data"])
+    batch = reference_input(backbone, teacher, data)
+    expected = backbone.prepare(teacher, data.val.examples[:1])
+    assert batch.keys() == expected.keys() and all(torch.equal(batch[k], expected[k]) for k in batch)
+    assert not torch.equal(batch["input_ids"], reference_input(backbone, teacher)["input_ids"])  # not BBC's
+    out = flow["root"] / "profile.json"
+    _cli("profile", "--source", flow["ckpt"], "--data", flow["data"], "--device-name", "cpu-test", "--shapes", "3",
+         "--repeats", "1", "--warmup", "0", "--no-train", "--max-length", "16", "--out", str(out))
+    assert len(json.loads(out.read_text())["records"]) == 3
