@@ -155,7 +155,7 @@ def run_calibrate(*, data: RawDataset, out: str | Path, backbone_name: str | Non
     """``coformer calibrate``: fit the teacher's head on ``data`` (cached), calibrate, package to ``out``.
 
     Backbone, source and ``max_length`` default to what the plan recorded (``coformer plan``
-    writes them); the plan's data set is not implied: calibration runs on ``data``.
+    writes them); calibration runs on ``data`` (the command defaults it to the plan's ``dataset``).
     """
     doc = searched_plan(plan) if plan is not None else {}
     backbone_name = backbone_name or doc.get("backbone") or "bert"

@@ -11,7 +11,7 @@ from coformer.cli import DATA_HELP, cli, console
 @click.option("--plan", "plan_dir", type=click.Path(exists=True, file_okay=False), default=None,
               help="A `coformer plan` directory whose policy is calibrated (default: one sub-model per device, "
                    "sized in proportion to its GFLOPS).")
-@click.option("--data", "data_uri", default=None, help=DATA_HELP)
+@click.option("--data", "data_uri", default=None, help=DATA_HELP + " With --plan, the default is the plan's data set.")
 @click.option("--teacher", "teacher_dir", type=click.Path(exists=True, file_okay=False), default=None,
               help="Teacher checkpoint directory; its task head is fitted on --data (cached). Default: the plan's "
                    "source, else the backbone's embedded model.")
@@ -39,8 +39,9 @@ def calibrate_cmd(plan_dir: str | None, data_uri: str | None, teacher_dir: str |
     if plan_dir is not None and layers is not None:
         raise click.UsageError("--layers applies to the proportional default; a --plan already fixes each "
                                "sub-model's layers — pass one or the other")
-    name = backbone_name or (searched_plan(plan_dir).get("backbone") if plan_dir else None) or "bert"
-    data = choose_dataset(data_uri, coformer.create_backbone(name).modality)
+    doc = searched_plan(plan_dir) if plan_dir else {}
+    name = backbone_name or doc.get("backbone") or "bert"
+    data = choose_dataset(data_uri or doc.get("dataset"), coformer.create_backbone(name).modality)
     out_dir = run_calibrate(data=data, out=out, backbone_name=name, plan=plan_dir, source=teacher_dir or source,
                             devices=devices, aggregator_name=aggregator_name,
                             booster_overrides={"epochs": epochs} if epochs is not None else None,

@@ -66,8 +66,8 @@ def test_plan_then_calibrate_on_a_csv_packages_the_searched_policy(flow: Any) ->
     with pytest.raises(PlanDocumentError, match="coformer calibrate --plan DIR"):
         load_plan(root / "searched")
 
-    res = _cli("calibrate", "--plan", str(root / "searched"), "--data", uri, "--epochs", "1",
-               "--out", str(root / "packaged"))
+    # no --data: calibrate on the data set the plan was searched on
+    res = _cli("calibrate", "--plan", str(root / "searched"), "--epochs", "1", "--out", str(root / "packaged"))
     assert "CoFormer validation accuracy" in " ".join(res.output.split())
     plan = load_plan(root / "packaged")
     assert plan.meta["stage"] == "packaged" and plan.meta["dataset"] == canonical
