@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
 from rich.console import Console
 
+import coformer
 from coformer import hookimpl
 from coformer.artifacts import load_plan
 from coformer.booster import BoosterConfig
@@ -173,10 +173,8 @@ def test_demo_on_a_backbone_without_embedded_weights_says_to_pass_a_checkpoint(n
 @pytest.mark.slow
 def test_image_demo_calibrates_with_the_vit_family_defaults(tmp_path, monkeypatch):
     """ViT's calibration defaults (seed rule, feature distillation) reach the demo; no sub-model collapses."""
-    from coformer.vision_data import load_digits_images
-
     monkeypatch.setenv("COFORMER_CACHE", str(tmp_path / "cache"))
-    data = load_digits_images()
+    data = coformer.load_dataset("digits")
     result = run_demo(backbone_name="vit", dataset=data, img_size=28, out=tmp_path / "plan", latency_repeats=2,
                       booster_overrides={"epochs": 2}, console=Console(width=120))
     booster = result.meta["booster"]
