@@ -33,9 +33,8 @@ from coformer.admission import (
 from coformer.aggregator import Aggregator
 from coformer.backbone import SubModel
 from coformer.heads import ClassifierHead, StudentHead
+from coformer.plan_document import PACKAGED, read_plan_document, stamp
 from coformer.transport import SubModelArtifact, sha256
-
-PLAN_FORMAT = 1
 
 
 class ArtifactError(ValueError):
@@ -95,7 +94,7 @@ def save_plan(
     student_heads: Sequence[StudentHead] | None,
     meta: dict[str, Any],
 ) -> Path:
-    """Write a plan directory; returns its path. ``meta`` holds policy, backbone, figures etc."""
+    """Write a packaged plan directory (stage ``packaged``); returns its path. ``meta`` holds policy, backbone, figures etc."""
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     files: dict[str, str] = {}
@@ -108,7 +107,6 @@ def save_plan(
     save_file(_state(aggregator), str(out / "aggregator.safetensors"))
     files["aggregator.safetensors"] = sha256((out / "aggregator.safetensors").read_bytes())
     doc = {
-        "format": PLAN_FORMAT,
         "versions": _versions(),
         **meta,
         "submodels": sub_entries,
@@ -117,7 +115,7 @@ def save_plan(
                        "student_heads": [h.config for h in student_heads] if student_heads else None},
         "sha256": files,
     }
-    (out / "plan.json").write_text(json.dumps(doc, indent=2, sort_keys=False))
+    (out / "plan.json").write_text(json.dumps(stamp(doc, PACKAGED), indent=2, sort_keys=False))
     return out
 
 
@@ -148,7 +146,7 @@ def load_plan(path: str | Path) -> Plan:
     plan_file = root / "plan.json"
     if not plan_file.exists():
         raise ArtifactError(f"{plan_file} not found: {root} is not a plan directory")
-    meta = json.loads(plan_file.read_text())
+    meta = read_plan_document(root, needs=PACKAGED)  # a search result names the stage it lacks, no KeyError
     hashes = meta["sha256"]
     artifacts = []
     for n, entry in enumerate(meta["submodels"]):

@@ -13,6 +13,11 @@ from coformer.registry import list_plugins
 
 console = Console()
 
+#: ``--data`` help, shared by every stage that reads a data set.
+DATA_HELP = ("Data set: a registered name (`coformer plugins` lists them) or a URI such as "
+             "csv:PATH?text=COL&label=COL, jsonl:PATH?text=KEY&label=KEY, imagefolder:DIR "
+             "(default: the data set installed as the default for the backbone's modality).")
+
 
 @click.group()
 @click.version_option(package_name="coformer")
@@ -44,11 +49,12 @@ def build_cli() -> click.Group:
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors caused by input (names, files, plans): shown as one clear message, not a traceback."""
     from coformer.artifacts import ArtifactError
-    from coformer.data import DatasetUnavailableError
+    from coformer.data import DatasetError
+    from coformer.plan_document import PlanDocumentError
     from coformer.registry import UnknownPluginError
     from coformer.spec import ConstraintError
 
-    return (UnknownPluginError, ConstraintError, ArtifactError, DatasetUnavailableError, FileNotFoundError)
+    return (UnknownPluginError, ConstraintError, ArtifactError, DatasetError, PlanDocumentError, FileNotFoundError)
 
 
 def main(argv: list[str] | None = None) -> None:

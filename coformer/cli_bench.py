@@ -94,6 +94,8 @@ def reshape_links(bed: Any, rate_mbps: float) -> None:
 @click.option("--workers", default=None, help="Comma-separated worker URIs, one per plan device, in order.")
 @click.option("--teacher", "teacher_dir", type=click.Path(exists=True, file_okay=False), default=None,
               help="Fine-tuned teacher directory (default: the demo's cached teacher).")
+@click.option("--data", "data_uri", default=None,
+              help="Data set whose test split the accuracy is measured on (default: the one the plan records).")
 @click.option("--link-mbps", default="2,100,500,1000", show_default=True, help="Link rates in Mbit/s.")
 @click.option("--requests", type=int, default=20, show_default=True, help="Timed requests per method and rate.")
 @click.option("--warmup", type=int, default=3, show_default=True, help="Untimed requests first.")
@@ -110,7 +112,8 @@ def reshape_links(bed: Any, rate_mbps: float) -> None:
 @click.option("--cores", type=float, default=1.0, show_default=True, help="Testbed: CPUs of the strongest device.")
 @click.option("--state", "state_file", default=None, help="Testbed state file (default: a temporary file).")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output directory.")
-def bench_cmd(plan_dir: str, testbed: bool, workers: str | None, teacher_dir: str | None, link_mbps: str,
+def bench_cmd(plan_dir: str, testbed: bool, workers: str | None, teacher_dir: str | None, data_uri: str | None,
+              link_mbps: str,
               requests: int, warmup: int, batch_size: int, max_seconds: float, accuracy_limit: int | None,
               recompute_accuracy: bool,
               device_plans: str | None, device_count_rate: float | None, cores: float, state_file: str | None,
@@ -122,7 +125,7 @@ def bench_cmd(plan_dir: str, testbed: bool, workers: str | None, teacher_dir: st
     import coformer
     from coformer.artifacts import ArtifactError, load_plan
     from coformer.bench import BenchConfig, BenchSetup, device_count_run, make_sample, run_bench, write_outputs
-    from coformer.demo import default_dataset
+    from coformer.data_choice import choose_dataset
     from coformer.pipeline import encode
     from coformer.spec import Policy
 
@@ -147,7 +150,7 @@ def bench_cmd(plan_dir: str, testbed: bool, workers: str | None, teacher_dir: st
     backbone_name = plan.meta.get("backbone") or plan.artifacts[0].config["backbone"]
     backbone = coformer.create_backbone(backbone_name if isinstance(backbone_name, str) else backbone_name["name"])
     teacher, teacher_info = resolve_teacher(backbone, plan, teacher_dir)
-    data = default_dataset(backbone.modality)
+    data = choose_dataset(data_uri or plan.meta.get("dataset"), backbone.modality)
     test = encode(backbone, teacher, data.test)
     cfg = BenchConfig(rates_mbps=rates, requests=requests, warmup=warmup, batch_size=batch_size,
                       max_seconds_per_method=max_seconds)
@@ -207,7 +210,7 @@ def bench_cmd(plan_dir: str, testbed: bool, workers: str | None, teacher_dir: st
             log(f"device count: {len(devs)} device(s) at {dc_rate:g} Mbit/s")
             rows.append(with_workers(devs, dc_body))
         doc["device_count"] = sorted(rows, key=lambda r: len(r["devices"]))
-    doc["command"] = {"plan": str(plan_dir), "testbed": testbed, "workers": uris, "link_mbps": rates,
+    doc["command"] = {"plan": str(plan_dir), "data": data.name, "testbed": testbed, "workers": uris, "link_mbps": rates,
                       "requests": requests, "warmup": warmup, "batch_size": batch_size}
     paths = write_outputs(doc, out_dir)
     console.print(paths["table"].read_text())

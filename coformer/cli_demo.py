@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from coformer.cli import cli, console
+from coformer.cli import DATA_HELP, cli, console
 
 
 @cli.command("demo")
@@ -16,6 +16,7 @@ from coformer.cli import cli, console
 @click.option("--source", default=None, help="Local checkpoint directory instead of the embedded default.")
 @click.option("--plan", "plan_dir", type=click.Path(exists=True, file_okay=False), default=None,
               help="A `coformer plan` directory whose policy replaces the proportional one.")
+@click.option("--data", "data_uri", default=None, help=DATA_HELP)
 @click.option("--devices", default="jetson-nano,jetson-tx2,orin-nano", show_default=True,
               help="Built-in device names or a .toml/.json file of device profiles.")
 @click.option("--aggregator", "aggregator_name", default="mlp_fusion", show_default=True)
@@ -39,7 +40,8 @@ from coformer.cli import cli, console
                    "calibration budget) into OUT/compressed/, which `coformer bench` runs as 'compressed'.")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Training seed (head fit, calibration); never changes the data split.")
-def demo_cmd(backbone_name: str, source: str | None, plan_dir: str | None, devices: str, aggregator_name: str,
+def demo_cmd(backbone_name: str, source: str | None, plan_dir: str | None, data_uri: str | None, devices: str,
+             aggregator_name: str,
              weight_rule: str | None, epochs: int | None, out: str, json_path: str | None,
              max_length: int, img_size: int, layers: int | None, compressed: bool, seed: int) -> None:
     """Fine-tune, decompose into one sub-model per device, calibrate, aggregate, and compare with the teacher."""
@@ -51,7 +53,8 @@ def demo_cmd(backbone_name: str, source: str | None, plan_dir: str | None, devic
     overrides = {k: v for k, v in {"weight_rule": weight_rule, "epochs": epochs}.items() if v is not None}
     result = run_demo(backbone_name=backbone_name, source=source, plan=plan_dir, devices=devices,
                       aggregator_name=aggregator_name, booster_overrides=overrides, out=out, seed=seed, console=console,
-                      max_length=max_length, img_size=img_size, layers=layers, compressed=compressed)
+                      max_length=max_length, img_size=img_size, layers=layers, compressed=compressed,
+                      data_uri=data_uri)
     render(result, console)
     if json_path:
         Path(json_path).write_text(json.dumps(result.to_dict(), indent=2))

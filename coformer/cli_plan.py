@@ -19,8 +19,9 @@ import torch
 from torch import nn
 
 from coformer.backbone import Backbone, Batch
-from coformer.cli import cli, console
-from coformer.data import TensorDataset
+from coformer.cli import DATA_HELP, cli, console
+from coformer.data import RawDataset, TensorDataset
+from coformer.data_choice import choose_dataset
 from coformer.heads import ClassifierHead
 from coformer.profiler import reference_input
 
@@ -49,32 +50,29 @@ def fit_linear_head(features: torch.Tensor, labels: torch.Tensor, num_labels: in
     return head.eval()
 
 
-def training_subset(backbone: Backbone, teacher: nn.Module, n: int, seed: int = 0) -> TensorDataset:
-    """``n`` labelled BBC News training documents (a fixed random subset), prepared by the teacher."""
-    from coformer.data import load_bbc_news
-
-    data = load_bbc_news()  # THE split: ``seed`` only picks which training docs are used
+def training_subset(backbone: Backbone, teacher: nn.Module, n: int, seed: int = 0,
+                    data: RawDataset | None = None) -> TensorDataset:
+    """``n`` labelled training examples of ``data`` (default: the modality's default data set; a random subset
+    chosen by ``seed`` from the one fixed split), prepared by the teacher."""
+    data = data or choose_dataset(None, backbone.modality)
     tx, ty = _subset(data.train.examples, data.train.labels, n, seed)
     return TensorDataset(backbone.prepare(teacher, tx), torch.tensor(ty))
 
 
 def validation_task(backbone: Backbone, teacher: nn.Module, *, val_docs: int = 64, train_docs: int = 160,
-                    fit_head: bool = True, seed: int = 0) -> tuple[TensorDataset, nn.Module, dict[str, Any]]:
-    """BBC News validation subset and the head L_val is computed with (fitted linear head or the teacher's)."""
-    if backbone.modality != "text":
-        raise click.UsageError(f"plan's built-in validation data is BBC News (text); backbone "
-                               f"{backbone.name!r} is {backbone.modality!r}")
-    from coformer.data import load_bbc_news
-
-    data = load_bbc_news()  # THE split: ``seed`` only picks which validation/training docs are used
+                    fit_head: bool = True, seed: int = 0,
+                    data: RawDataset | None = None) -> tuple[TensorDataset, nn.Module, dict[str, Any]]:
+    """A validation subset of ``data`` (default: the modality's default data set) and the head L_val is
+    computed with (fitted linear head or the teacher's)."""
+    data = data or choose_dataset(None, backbone.modality)  # THE split: ``seed`` only picks which examples
     vx, vy = _subset(data.val.examples, data.val.labels, val_docs, seed)
     val = TensorDataset(backbone.prepare(teacher, vx), torch.tensor(vy))
-    info: dict[str, Any] = {"dataset": "bbc_news", "val_docs": len(vy), "classes": data.classes}
+    info: dict[str, Any] = {"dataset": data.name, "val_docs": len(vy), "classes": data.classes}
     if not fit_head:
         head = backbone.task_head(teacher)
         info["head"] = "teacher"
     else:
-        train = training_subset(backbone, teacher, train_docs, seed)
+        train = training_subset(backbone, teacher, train_docs, seed, data)
         head = fit_linear_head(_features(backbone, teacher, train), train.labels, len(data.classes), seed=seed)
         with torch.no_grad():
             acc = float((head(_features(backbone, teacher, val)).argmax(1) == val.labels).float().mean())
@@ -128,11 +126,13 @@ def load_predictors(spec: str | None) -> dict[str, Any]:
               help="Also train the latency predictor and report held-out error.")
 @click.option("--max-length", type=int, default=64, show_default=True,
               help="Tokens per text input (the demo, plan and bench use 64).")
+@click.option("--data", "data_uri", default=None, help=DATA_HELP + " Its first validation example is the "
+              "reference input.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Profile file (.json; a .csv is written too).")
 def profile_cmd(backbone_name: str, source: str | None, device_name: str, cpu_quota: float | None,
                 worker_uri: str | None, threads: int | None, shapes: int, repeats: int, warmup: int, statistic: str,
-                train: bool, max_length: int, seed: int, out: str) -> None:
+                train: bool, max_length: int, data_uri: str | None, seed: int, out: str) -> None:
     """Measure the latency of a pool of sub-model shapes on one device; optionally train its predictor."""
     import coformer
     from coformer.predictor import train_and_score
@@ -144,7 +144,7 @@ def profile_cmd(backbone_name: str, source: str | None, device_name: str, cpu_qu
     backbone = coformer.create_backbone(backbone_name)
     teacher = load_teacher(backbone, source, **({"max_length": max_length} if backbone.modality == "text" else {}))
     specs = sample_shapes(backbone.shape(teacher), shapes, seed)
-    batch = reference_input(backbone, teacher)
+    batch = reference_input(backbone, teacher, choose_dataset(data_uri, backbone.modality) if data_uri else None)
     if cpu_quota is not None:
         prof = profile_cpu_quota(backbone_name, source, specs, cpu_quota, device=device_name, warmup=warmup,
                                  repeats=repeats, batch=batch, progress=True, statistic=statistic)
@@ -198,6 +198,7 @@ def plot_convergence(result: Any, path: Path) -> None:
 @click.option("--delta", type=float, default=0.5, show_default=True, help="δ in Ψ = L_val + δ·T (T in ms).")
 @click.option("--trials", type=int, default=30, show_default=True, help="Evaluated (feasible) policies.")
 @click.option("--strategy", default="ax_gp_ei", show_default=True)
+@click.option("--data", "data_uri", default=None, help=DATA_HELP + " Its validation split is L_val's task.")
 @click.option("--val-docs", type=int, default=64, show_default=True)
 @click.option("--train-docs", type=int, default=160, show_default=True,
               help="Training docs the probe proxy (and the fitted linear head) is fitted on.")
@@ -211,7 +212,7 @@ def plot_convergence(result: Any, path: Path) -> None:
 @click.option("--out", required=True, type=click.Path(file_okay=False))
 def plan_cmd(backbone_name: str, source: str | None, teacher_dir: str | None, devices: str,
              predictor_dir: str | None, link_mbps: float | None, delta: float, trials: int, strategy: str,
-             val_docs: int, train_docs: int, proxy: str, topology: str, max_length: int, seed: int,
+             data_uri: str | None, val_docs: int, train_docs: int, proxy: str, topology: str, max_length: int, seed: int,
              out: str) -> None:
     """Search a decomposition policy minimising Ψ; writes OUT/plan.json and OUT/convergence.png."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -219,6 +220,7 @@ def plan_cmd(backbone_name: str, source: str | None, teacher_dir: str | None, de
     import coformer
     from coformer.evaluator import Evaluator
     from coformer.importance import IMPORTANCE_SAMPLES, importance_record
+    from coformer.plan_document import SEARCHED, write_plan_document
     from coformer.spec import resolve_devices
 
     t0 = time.perf_counter()
@@ -228,11 +230,12 @@ def plan_cmd(backbone_name: str, source: str | None, teacher_dir: str | None, de
     backbone = coformer.create_backbone(backbone_name)
     options = {"max_length": max_length} if backbone.modality == "text" else {}
     teacher = backbone.load(teacher_dir or source, **options).eval()
+    data = choose_dataset(data_uri, backbone.modality)
     val, head, data_info = validation_task(backbone, teacher, val_docs=val_docs, train_docs=train_docs,
-                                           fit_head=teacher_dir is None, seed=seed)
-    train = training_subset(backbone, teacher, train_docs, seed)
+                                           fit_head=teacher_dir is None, seed=seed, data=data)
+    train = training_subset(backbone, teacher, train_docs, seed, data)
     ev = Evaluator(backbone, teacher, devs, val=val, head=head, predictors=load_predictors(predictor_dir),
-                   delta=delta, link_mbps=link_mbps, cost_batch=reference_input(backbone, teacher),
+                   delta=delta, link_mbps=link_mbps, cost_batch=reference_input(backbone, teacher, data),
                    topology=topo, probe_train=train if proxy == "probe" else None, proxy=proxy,
                    calib=train.batch(torch.arange(min(len(train), IMPORTANCE_SAMPLES))))
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -247,7 +250,6 @@ def plan_cmd(backbone_name: str, source: str | None, teacher_dir: str | None, de
 
         result = search.search(ev, trials, on_trial=on_trial)
     out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
     policy = result.best_policy
     policy.meta.update({"strategy": strategy, "backbone": backbone_name})
     doc = {
@@ -256,6 +258,7 @@ def plan_cmd(backbone_name: str, source: str | None, teacher_dir: str | None, de
         "strategy": strategy,
         "backbone": backbone_name,
         "source": teacher_dir or source,
+        "dataset": data.name,
         "delta": delta,
         "link_mbps": link_mbps,
         "topology": topo.to_dict(),
@@ -268,7 +271,7 @@ def plan_cmd(backbone_name: str, source: str | None, teacher_dir: str | None, de
         "seconds": time.perf_counter() - t0,
         "trials": [t.to_dict() for t in result.trials],
     }
-    (out_dir / "plan.json").write_text(json.dumps(doc, indent=2))
+    write_plan_document(out_dir, doc, SEARCHED)
     plot_convergence(result, out_dir / "convergence.png")
     comp = result.best.components()
     console.print(f"best Ψ {comp['psi']:.4f} = L_val {comp['L_val']:.4f} + {delta}·T {comp['T_ms']:.3f} ms "

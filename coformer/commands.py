@@ -4,3 +4,4 @@ from coformer import cli_demo  # noqa: F401
 from coformer import cli_worker  # noqa: F401
 from coformer import cli_bench  # noqa: F401
 from coformer import cli_plan  # noqa: F401
+from coformer import cli_calibrate  # noqa: F401

@@ -12,7 +12,6 @@ sha256 of the saved teacher, data set, path), which ``coformer bench`` checks.
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from dataclasses import dataclass
@@ -25,30 +24,29 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from coformer import open_transport, registry
-from coformer.aggregator import Aggregator
-from coformer.artifacts import save_plan, submodel_artifact
-from coformer.backbone import Backbone, SubModel
-from coformer.booster import BoosterConfig, calibrate, submodel_features, train_aggregator
-from coformer.compressed import COMPRESSED_DIR, compressed_policy, search_settings
-from coformer.data import RawDataset, load_bbc_news
-from coformer.decompose import proportional_specs
-from coformer.heads import StudentHead, head_input_dim
-from coformer.measure import count_flops, count_params
-from coformer.pipeline import (
-    Figures,
-    Teacher,
-    accuracy,
-    calibration_importance,
-    decompose_policy,
-    median_latency_ms,
-    prepare_teacher,
-    teacher_figures,
-    teacher_record,
+from coformer.artifacts import submodel_artifact
+from coformer.booster import BoosterConfig
+from coformer.calibrate import (
+    DEFAULT_DEVICES,
+    Calibrated,
+    calibrate_policy,
+    calibrate_stage,
+    package_stage,
+    plan_record,
+    searched_plan,
+    text_or_image_options,
 )
+from coformer.compressed import COMPRESSED_DIR, compressed_policy
+from coformer.data import RawDataset
+from coformer.data_choice import choose_dataset
+from coformer.measure import count_flops, count_params
+from coformer.pipeline import Figures, Teacher, accuracy, median_latency_ms, prepare_teacher, teacher_figures
 from coformer.runtime import Coordinator
-from coformer.spec import ConstraintError, Policy, Violation, resolve_devices
+from coformer.spec import Policy
 
-DEFAULT_DEVICES = ("jetson-nano", "jetson-tx2", "orin-nano")
+__all__ = ["DEFAULT_DEVICES", "Calibrated", "DemoResult", "DemoUnavailableError", "calibrate_policy",
+           "default_dataset", "load_plan_importance", "load_policy", "render", "run_demo"]
+
 #: Tokens kept per text in the demo: BBC articles are long, and 64 tokens (headline and lead)
 #: keep the whole run within minutes on two CPU cores.
 DEMO_MAX_LENGTH = 64
@@ -64,38 +62,23 @@ class DemoUnavailableError(RuntimeError):
     """The chosen backbone has no embedded default model; the message says what to pass instead."""
 
 
-def default_dataset(modality: str) -> RawDataset:
-    """The embedded data set for a modality: BBC News for text, Fashion-MNIST for images."""
-    if modality == "text":
-        return load_bbc_news()
-    if modality == "image":
-        from coformer.vision_data import load_fashion_mnist
-
-        train, val, test = DEMO_IMAGE_SPLIT
-        return load_fashion_mnist(train_size=train, val_size=val, test_size=test)
-    raise DemoUnavailableError(f"no embedded data set for modality {modality!r}")
-
-
-def _plan_doc(plan_dir: str | Path) -> dict[str, Any]:
-    path = Path(plan_dir) / "plan.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: pass a directory written by `coformer plan --out DIR`")
-    doc = json.loads(path.read_text())
-    if "policy" not in doc:
-        raise ValueError(f"{path} has no 'policy' entry; was it written by `coformer plan`?")
-    return doc
+def default_dataset(modality: str, data: str | None = None) -> RawDataset:
+    """``data`` (a name or URI), else the demo's data set for a modality: the one its plugin declares the
+    default, capped to :data:`DEMO_IMAGE_SPLIT` for images."""
+    caps = dict(zip(("train_size", "val_size", "test_size"), DEMO_IMAGE_SPLIT)) if modality == "image" else {}
+    return choose_dataset(data, modality, **caps)
 
 
 def load_policy(plan_dir: str | Path) -> Policy:
     """The policy in a ``coformer plan`` directory's ``plan.json``."""
-    return Policy.from_dict(_plan_doc(plan_dir)["policy"])
+    return Policy.from_dict(searched_plan(plan_dir)["policy"])
 
 
 def load_plan_importance(plan_dir: str | Path) -> Any:
     """The unit importance the plan was searched with (``None`` for plans that predate it)."""
     from coformer.importance import plan_importance
 
-    return plan_importance(_plan_doc(plan_dir))
+    return plan_importance(searched_plan(plan_dir))
 
 
 @dataclass
@@ -116,36 +99,6 @@ class DemoResult:
                 "coformer": self.coformer.to_dict(),
                 "compressed": self.compressed.to_dict() if self.compressed else None,
                 "seconds": round(self.seconds, 1), "meta": self.meta}
-
-
-@dataclass
-class Calibrated:
-    """A policy's calibrated sub-models, their student heads, the trained aggregator and measured costs."""
-
-    policy: Policy
-    submodels: list[SubModel]
-    students: list[StudentHead]
-    aggregator: Aggregator
-    costs: list[Any]
-    test_features: list[torch.Tensor]
-    val_features: list[torch.Tensor]
-
-
-def calibrate_policy(backbone: Backbone, teacher: Teacher, policy: Policy, config: BoosterConfig,
-                     aggregator_name: str, *, importance: Any = None) -> Calibrated:
-    """Decompose ``policy`` (by ``importance``, or importance scored on a calibration batch), calibrate
-    its sub-models (booster) and train the aggregator on their features."""
-    parts = decompose_policy(backbone, teacher, policy, importance=importance)
-    hard = teacher.train_logits.argmax(-1)
-    result = calibrate(backbone, teacher.model, parts.submodels, teacher.train, config=config, teacher_labels=hard)
-    submodels, students = result.submodels, result.student_heads
-    feats = {split: submodel_features(submodels, getattr(teacher, split)) for split in ("train", "val", "test")}
-    task_head = backbone.task_head(teacher.model)
-    aggregator: Aggregator = registry.create(
-        "aggregator", aggregator_name, feature_dims=[m.feature_dim for m in submodels],
-        embed_dim=head_input_dim(task_head), task_head=task_head, student_heads=students)
-    train_aggregator(aggregator, feats["train"], teacher.train.labels, config=config, teacher_labels=hard)
-    return Calibrated(policy, submodels, students, aggregator.eval(), parts.costs, feats["test"], feats["val"])
 
 
 def _compressed_figures(cal: Calibrated, teacher: Teacher, repeats: int) -> Figures:
@@ -189,6 +142,7 @@ def run_demo(
     out: str | Path = "coformer-demo",
     seed: int = 0,
     dataset: RawDataset | None = None,
+    data_uri: str | None = None,
     max_length: int | None = DEMO_MAX_LENGTH,
     img_size: int | None = DEMO_IMG_SIZE,
     layers: int | None = None,
@@ -206,6 +160,7 @@ def run_demo(
     with ``booster_overrides`` on top (:meth:`BoosterConfig.for_backbone`).
     ``compressed`` also builds the single-model alternative (same rule with N = 1, same
     calibration budget) into ``<out>/compressed/`` for ``coformer bench``.
+    The data set is ``dataset``, else ``data_uri`` (a name or URI), else the modality's default.
     """
     if plan is not None and layers is not None:
         raise ValueError("layers applies to the proportional policy; a plan directory already fixes each "
@@ -214,12 +169,8 @@ def run_demo(
     started = time.perf_counter()
     torch.manual_seed(seed)
     backbone = registry.create("backbone", backbone_name)
-    data = dataset or default_dataset(backbone.modality)
-    load_options = dict(load_options or {})
-    if backbone.modality == "text" and max_length:
-        load_options.setdefault("max_length", max_length)
-    if backbone.modality == "image" and img_size:
-        load_options.setdefault("img_size", img_size)
+    data = dataset or default_dataset(backbone.modality, data_uri)
+    load_options = text_or_image_options(backbone, load_options, max_length=max_length, img_size=img_size)
     config = config or BoosterConfig.for_backbone(backbone, **{"seed": seed, **(booster_overrides or {})})
 
     with _progress(console) as prog:
@@ -235,29 +186,12 @@ def run_demo(
     stage = _Stopwatch(console, started)
     stage(f"teacher {backbone_name} {'loaded from cache' if teacher.cached else 'fine-tuned'} ({teacher.path})")
 
-    shape = backbone.shape(teacher.model)
-    search = None
-    # a plan deploys exactly the units its search scored; plans that predate stored importance score them here
-    importance = load_plan_importance(plan) if plan is not None else None
-    if importance is None:
-        importance = calibration_importance(backbone, teacher)
-    if plan is not None:
-        policy = load_policy(plan)
-        search = search_settings(plan)
-    else:
-        profiles = resolve_devices(devices)
-        if layers is not None and not 1 <= layers <= shape.layers:
-            raise ConstraintError([Violation(
-                "C1", f"every sub-model would keep {layers} layers but the teacher has {shape.layers}; "
-                      f"choose --layers 1..{shape.layers}", None, float(max(layers - shape.layers, 1 - layers)))])
-        specs = proportional_specs(shape, [d.gflops for d in profiles], layers=layers, importance=importance)
-        source_note = "proportional to device GFLOPS" + (f", {layers} layers each" if layers else "")
-        policy = Policy(specs, profiles, {"source": source_note})
     one = teacher.test.batch([0])
-    cal = calibrate_policy(backbone, teacher, policy, config, aggregator_name, importance=importance)
+    cal = calibrate_stage(backbone, teacher, config=config, plan=plan, devices=devices, layers=layers,
+                          aggregator_name=aggregator_name)
+    policy, search, importance = cal.policy, cal.search, cal.importance
     submodels, students, aggregator, costs = cal.submodels, cal.students, cal.aggregator, cal.costs
     feats = {"test": cal.test_features, "val": cal.val_features}
-    task_head = backbone.task_head(teacher.model)
     distil = f", feature distillation β={config.feature_weight:g}" if config.feature_weight else ""
     stage(f"decomposed into {len(submodels)} sub-models ({policy.meta.get('source', 'planned policy')}), "
           f"calibrated ({config.epochs} epoch(s) per sub-model, {config.weight_rule} weight rule{distil}), "
@@ -292,18 +226,16 @@ def run_demo(
                       "weight_rule": config.weight_rule})
 
     c_fig = None
-    record = teacher_record(teacher.path, backbone_name, data.name)
-    plan_meta = {"backbone": backbone_name, "source": source, "load_options": load_options,
-                 "classes": data.classes, "dataset": data.name, "teacher": record}
+    plan_meta = plan_record(backbone_name, source, load_options, data, teacher)
+    record = plan_meta["teacher"]
     shutil.rmtree(Path(out) / COMPRESSED_DIR, ignore_errors=True)  # never leave a stale one beside a new plan
     if compressed:
         c_cal = calibrate_policy(backbone, teacher, compressed_policy(backbone, teacher, policy.devices,
                                                                       layers=layers, search=search),
                                  config, aggregator_name, importance=importance)
         c_fig = _compressed_figures(c_cal, teacher, latency_repeats)
-        save_plan(Path(out) / COMPRESSED_DIR, submodels=c_cal.submodels, aggregator=c_cal.aggregator,
-                  task_head=task_head, student_heads=c_cal.students,
-                  meta={**plan_meta, "policy": c_cal.policy.to_dict(), "figures": {"compressed": c_fig.to_dict()}})
+        package_stage(Path(out) / COMPRESSED_DIR, backbone, teacher, c_cal,
+                      {**plan_meta, "figures": {"compressed": c_fig.to_dict()}})
         stage(f"compressed alternative calibrated ({c_cal.policy.meta.get('source')}) for {c_fig.extra['device']}")
 
     meta = {"backbone": backbone_name, "dataset": data.name, "classes": data.classes, "load_options": load_options,
@@ -312,8 +244,7 @@ def run_demo(
     figures = {"teacher": t_fig.to_dict(), "submodels": [s.to_dict() for s in sub_figs], "coformer": co_fig.to_dict()}
     if c_fig is not None:
         figures["compressed"] = c_fig.to_dict()
-    plan_dir = save_plan(out, submodels=submodels, aggregator=aggregator, task_head=task_head,
-                         student_heads=students, meta={**plan_meta, "policy": policy.to_dict(), "figures": figures})
+    plan_dir = package_stage(out, backbone, teacher, cal, {**plan_meta, "figures": figures})
     return DemoResult(t_fig, sub_figs, co_fig, plan_dir, time.perf_counter() - started, meta, c_fig)
 
 

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from coformer.backbone import Backbone, Batch
+from coformer.data import RawDataset
 from coformer.spec import ModelShape, SubModelSpec, UnitSelection
 from coformer.testbed import cfs_limit
 
@@ -305,16 +306,19 @@ def profile_cpu_quota(backbone_name: str, source: str | None, specs: Sequence[Su
     return profile
 
 
-def reference_input(backbone: Backbone, teacher: nn.Module) -> Batch:
+def reference_input(backbone: Backbone, teacher: nn.Module, data: RawDataset | None = None) -> Batch:
     """The batch-1 input latencies and costs are measured on, the same for profiles and plans.
 
-    Text backbones: one real BBC News article prepared by the teacher (its ``max_length``
-    tokens, as the demo and the bench send them); others: the backbone's example batch.
+    The first validation example of ``data`` prepared by the teacher (text: its ``max_length``
+    tokens, as the demo and the bench send them). Without ``data``: for text backbones the
+    modality's default data set's, for others the backbone's example batch.
     """
-    if backbone.modality == "text":
-        from coformer.data import load_bbc_news
+    if data is None and backbone.modality == "text":
+        from coformer.data_choice import choose_dataset
 
-        return backbone.prepare(teacher, load_bbc_news().val.examples[:1])
+        data = choose_dataset(None, backbone.modality)
+    if data is not None:
+        return backbone.prepare(teacher, data.val.examples[:1])
     return backbone.example_batch(teacher, batch_size=1)
 
 

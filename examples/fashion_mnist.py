@@ -31,9 +31,8 @@ import torch.nn.functional as F
 import coformer
 from coformer.booster import (WEIGHT_RULES, BoosterConfig, calibrate, submodel_features, teacher_hard_labels,
                               train_aggregator)
-from coformer.data import RawSplit, TensorDataset
+from coformer.data import RawSplit, TensorDataset, stratified_subset
 from coformer.decompose import proportional_specs
-from coformer.vision_data import load_fashion_mnist, stratified_subset
 
 DEVICES = {"jetson-nano": 235.8, "jetson-tx2": 665.6, "orin-nano": 640.0}
 
@@ -103,7 +102,8 @@ def main() -> None:
     t0 = time.perf_counter()
 
     # THE split (coformer.data.SPLIT_SEED): --seed changes training, never which images are val/test
-    data = load_fashion_mnist(train_size=args.train + args.unlabelled, val_size=args.val, test_size=args.test)
+    data = coformer.load_dataset("fashion_mnist", train_size=args.train + args.unlabelled, val_size=args.val,
+                                 test_size=args.test)
     backbone = coformer.create_backbone("vit", img_size=args.img_size)
     teacher = backbone.load(None, num_labels=len(data.classes))
     pool, test = to_tensors(backbone, teacher, data.train), to_tensors(backbone, teacher, data.test)

@@ -20,7 +20,6 @@ import time
 import torch
 
 import coformer
-from coformer.data import load_bbc_news
 from coformer.decompose import proportional_specs
 from coformer.measure import count_flops, count_params
 
@@ -44,7 +43,7 @@ def main() -> None:
     load_s = time.perf_counter() - start
     shape = backbone.shape(teacher)
 
-    data = load_bbc_news()
+    data = coformer.load_dataset("bbc_news")
     calib = backbone.prepare(teacher, data.train.examples[: args.calib_docs])
     evaluation = backbone.prepare(teacher, data.test.examples[: args.eval_docs])
     n_tokens = int(evaluation["attention_mask"].sum())

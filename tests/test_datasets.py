@@ -231,13 +231,11 @@ def test_bbc_news_split_is_fixed_and_the_old_entry_point_matches() -> None:
     assert other.name == "bbc_news?seed=1" and other.train.examples != data.train.examples
 
 
-def test_digits_through_the_registry_equal_the_old_loader() -> None:
-    from coformer.vision_data import load_digits_images
-
+def test_digits_through_the_registry() -> None:
     data = coformer.load_dataset("digits")
-    old = load_digits_images()
-    assert torch.equal(data.train.examples, old.train.examples) and data.test.labels == old.test.labels
+    assert sum(_sizes(data)) == 1797 and len(data.classes) == 10
     assert data.train.examples.shape[1:] == (1, 8, 8) and data.train.examples.dtype == torch.uint8
+    assert torch.equal(coformer.load_dataset("digits").train.examples, data.train.examples)  # the same split
 
 
 @pytest.mark.skipif(not WORDNET, reason="needs the Debian package wordnet-base (apt-get install wordnet-base)")
@@ -271,15 +269,17 @@ def test_missing_fashion_mnist_names_the_package(tmp_path: Path) -> None:
 
 
 def test_fashion_mnist_keeps_its_official_test_split() -> None:
-    from coformer.vision_data import FASHION_MNIST_DIR, load_fashion_mnist
+    from coformer_datasets.fashion_mnist import fashion_mnist_dir
 
-    if not (FASHION_MNIST_DIR / "t10k-labels-idx1-ubyte.gz").is_file():
+    if not (fashion_mnist_dir() / "t10k-labels-idx1-ubyte.gz").is_file():
         pytest.skip("needs the Debian package dataset-fashion-mnist")
     data = coformer.load_dataset("fashion_mnist")
     assert _sizes(data) == (54_000, 6_000, 10_000)
-    old = load_fashion_mnist(train_size=300, val_size=100, test_size=200)
     new = coformer.load_dataset("fashion_mnist?train_size=300&val_size=100&test_size=200")
-    assert torch.equal(old.test.examples, new.test.examples) and old.val.labels == new.val.labels
+    again = coformer.load_dataset("fashion_mnist", train_size=300, val_size=100, test_size=200)
+    assert _sizes(new) == (300, 100, 200) and set(Counter(new.train.labels).values()) == {30}
+    assert torch.equal(again.test.examples, new.test.examples) and again.val.labels == new.val.labels
+    assert new.train.examples.float().std() > 10  # real pictures, not blank
 
 
 # ----------------------------------------------------------------------------- CSV and JSONL

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from rich.console import Console
 
+import coformer
 from coformer import hookimpl
 from coformer.artifacts import load_plan
 from coformer.booster import BoosterConfig
 from coformer.data import RawSplit, load_bbc_news
 from coformer.demo import load_policy, render, run_demo
+from coformer.plan_document import write_plan_document
 from coformer.spec import ConstraintError, Policy, SubModelSpec, resolve_devices
 
 
@@ -75,7 +75,7 @@ def test_demo_rejects_an_infeasible_plan_before_calibrating(small_bbc, tmp_path,
     monkeypatch.setenv("COFORMER_CACHE", str(tmp_path / "cache"))
     devices = resolve_devices("jetson-nano,jetson-tx2")
     bad = Policy([SubModelSpec.uniform(6, 300, 6, 800), SubModelSpec.uniform(6, 200, 7, 800)], devices)
-    (tmp_path / "plan.json").write_text(json.dumps({"policy": bad.to_dict()}))
+    write_plan_document(tmp_path, {"policy": bad.to_dict()}, "searched")
     assert load_policy(tmp_path).specs == bad.specs
     calibrated = []
 
@@ -172,10 +172,8 @@ def test_demo_on_a_backbone_without_embedded_weights_says_to_pass_a_checkpoint(n
 @pytest.mark.slow
 def test_image_demo_calibrates_with_the_vit_family_defaults(tmp_path, monkeypatch):
     """ViT's calibration defaults (seed rule, feature distillation) reach the demo; no sub-model collapses."""
-    from coformer.vision_data import load_digits_images
-
     monkeypatch.setenv("COFORMER_CACHE", str(tmp_path / "cache"))
-    data = load_digits_images()
+    data = coformer.load_dataset("digits")
     result = run_demo(backbone_name="vit", dataset=data, img_size=28, out=tmp_path / "plan", latency_repeats=2,
                       booster_overrides={"epochs": 2}, console=Console(width=120))
     booster = result.meta["booster"]

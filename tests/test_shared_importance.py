@@ -13,6 +13,7 @@ from coformer.demo import load_plan_importance
 from coformer.evaluator import Evaluator
 from coformer.importance import content_hash, importance_record, plan_importance, shared_importance
 from coformer.pipeline import Teacher, decompose_policy
+from coformer.plan_document import write_plan_document
 from coformer.spec import DeviceProfile, Policy, SubModelSpec
 
 
@@ -55,8 +56,8 @@ def test_the_plans_importance_deploys_the_units_the_search_scored(tiny, tmp_path
     policy = Policy([SubModelSpec.uniform(2, 16, 2, 32), SubModelSpec.uniform(1, 12, 2, 24)], devs)
     assert ev.evaluate(policy).feasible
     searched = ev.selections(policy.specs)
-    (tmp_path / "plan.json").write_text(json.dumps(
-        {"policy": policy.to_dict(), "importance": importance_record(ev.importance(), ev.importance_key, 12)}))
+    write_plan_document(tmp_path, {"policy": policy.to_dict(),
+                                    "importance": importance_record(ev.importance(), ev.importance_key, 12)}, "searched")
 
     # deployment's own data differs from the search's (another split, another size)
     deploy_train = _data(backbone, teacher, 40, 5)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from coformer.data import DatasetSource, DatasetUnavailableError, LabelledExamples
 from coformer.hookspecs import Register, hookimpl
@@ -28,6 +29,9 @@ def bbc_news_dir() -> Path:
 @dataclass(kw_only=True)
 class BbcNews(DatasetSource):
     """BBC News articles labelled by section; ``root`` is a ``<class>/*.txt`` directory (default: the package's)."""
+
+    #: The data set every stage uses for text backbones when no ``--data`` is given.
+    default_for_modality: ClassVar[str] = "text"
 
     root: Path | None = None
 

@@ -10,7 +10,7 @@ import gzip
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -50,6 +50,9 @@ def fashion_mnist_dir() -> Path:
 @dataclass(kw_only=True)
 class FashionMnist(DatasetSource):
     """Fashion-MNIST; ``root`` holds the four idx.gz files (default: ``$COFORMER_FASHION_MNIST`` or Debian's)."""
+
+    #: The data set every stage uses for image backbones when no ``--data`` is given.
+    default_for_modality: ClassVar[str] = "image"
 
     root: Path | None = None
     fractions: tuple[float, float, float] = (0.9, 0.1, 0.0)

@@ -1,0 +1,184 @@
+"""The calibrate and package stages: a policy becomes a deployable plan directory.
+
+:func:`calibrate_stage` decomposes a policy (a ``coformer plan`` search result, or the
+proportional default) into sub-models, calibrates them by progressive boosting distillation
+and trains the aggregator; :func:`package_stage` writes the packaged plan directory.
+:func:`run_calibrate` is ``coformer calibrate``: prepare the teacher on a data set, then both.
+``coformer demo`` is the same composition plus figures.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from coformer import registry
+from coformer.aggregator import Aggregator
+from coformer.artifacts import save_plan
+from coformer.backbone import Backbone, SubModel
+from coformer.booster import BoosterConfig, calibrate, submodel_features, train_aggregator
+from coformer.compressed import search_settings
+from coformer.data import RawDataset
+from coformer.decompose import proportional_specs
+from coformer.heads import StudentHead, head_input_dim
+from coformer.pipeline import (
+    Teacher,
+    accuracy,
+    calibration_importance,
+    decompose_policy,
+    prepare_teacher,
+    teacher_record,
+)
+from coformer.plan_document import PlanDocumentError, read_plan_document
+from coformer.spec import ConstraintError, Policy, Violation, resolve_devices
+
+DEFAULT_DEVICES = ("jetson-nano", "jetson-tx2", "orin-nano")
+
+
+@dataclass
+class Calibrated:
+    """A policy's calibrated sub-models, their student heads, the trained aggregator and measured costs."""
+
+    policy: Policy
+    submodels: list[SubModel]
+    students: list[StudentHead]
+    aggregator: Aggregator
+    costs: list[Any]
+    test_features: list[torch.Tensor]
+    val_features: list[torch.Tensor]
+    importance: Any = None
+    #: The search settings of the plan the policy came from (``None`` for the proportional default).
+    search: dict[str, Any] | None = None
+
+
+def searched_plan(plan_dir: str | Path) -> dict[str, Any]:
+    """A plan directory's document (any stage) that carries a policy."""
+    doc = read_plan_document(plan_dir)
+    if "policy" not in doc:
+        raise PlanDocumentError(f"{Path(plan_dir) / 'plan.json'} has no 'policy' entry; re-run `coformer plan`")
+    return doc
+
+
+def calibrate_policy(backbone: Backbone, teacher: Teacher, policy: Policy, config: BoosterConfig,
+                     aggregator_name: str, *, importance: Any = None) -> Calibrated:
+    """Decompose ``policy`` (by ``importance``, or importance scored on a calibration batch), calibrate
+    its sub-models (booster) and train the aggregator on their features."""
+    parts = decompose_policy(backbone, teacher, policy, importance=importance)
+    hard = teacher.train_logits.argmax(-1)
+    result = calibrate(backbone, teacher.model, parts.submodels, teacher.train, config=config, teacher_labels=hard)
+    submodels, students = result.submodels, result.student_heads
+    feats = {split: submodel_features(submodels, getattr(teacher, split)) for split in ("train", "val", "test")}
+    task_head = backbone.task_head(teacher.model)
+    aggregator: Aggregator = registry.create(
+        "aggregator", aggregator_name, feature_dims=[m.feature_dim for m in submodels],
+        embed_dim=head_input_dim(task_head), task_head=task_head, student_heads=students)
+    train_aggregator(aggregator, feats["train"], teacher.train.labels, config=config, teacher_labels=hard)
+    return Calibrated(policy, submodels, students, aggregator.eval(), parts.costs, feats["test"], feats["val"],
+                      importance)
+
+
+def proportional_policy(backbone: Backbone, teacher: Teacher, devices: Sequence[str] | str, *,
+                        layers: int | None, importance: Any) -> Policy:
+    """One sub-model per device, sized in proportion to its GFLOPS (``layers`` each, when given)."""
+    shape = backbone.shape(teacher.model)
+    if layers is not None and not 1 <= layers <= shape.layers:
+        raise ConstraintError([Violation(
+            "C1", f"every sub-model would keep {layers} layers but the teacher has {shape.layers}; "
+                  f"choose --layers 1..{shape.layers}", None, float(max(layers - shape.layers, 1 - layers)))])
+    profiles = resolve_devices(devices)
+    specs = proportional_specs(shape, [d.gflops for d in profiles], layers=layers, importance=importance)
+    return Policy(specs, profiles, {"source": "proportional to device GFLOPS" + (f", {layers} layers each"
+                                                                               if layers else "")})
+
+
+def calibrate_stage(backbone: Backbone, teacher: Teacher, *, config: BoosterConfig, plan: str | Path | None = None,
+                    devices: Sequence[str] | str = DEFAULT_DEVICES, layers: int | None = None,
+                    aggregator_name: str = "mlp_fusion") -> Calibrated:
+    """Calibrate the policy of ``plan`` (a ``coformer plan`` directory) or the proportional default.
+
+    A plan deploys exactly the units its search scored (its stored importance); plans without
+    stored importance, and the proportional default, score importance on a calibration batch.
+    """
+    if plan is not None and layers is not None:
+        raise ValueError("layers applies to the proportional policy; a plan directory already fixes each "
+                         "sub-model's layers — pass one or the other")
+    from coformer.importance import plan_importance
+
+    doc = searched_plan(plan) if plan is not None else None
+    importance = plan_importance(doc) if doc is not None else None
+    if importance is None:
+        importance = calibration_importance(backbone, teacher)
+    if plan is not None and doc is not None:
+        policy, search = Policy.from_dict(doc["policy"]), search_settings(plan)
+    else:
+        policy, search = proportional_policy(backbone, teacher, devices, layers=layers, importance=importance), None
+    cal = calibrate_policy(backbone, teacher, policy, config, aggregator_name, importance=importance)
+    cal.search = search
+    return cal
+
+
+def plan_record(backbone_name: str, source: str | None, load_options: dict[str, Any], data: RawDataset,
+                teacher: Teacher) -> dict[str, Any]:
+    """What a packaged plan records about how it was made: backbone, source, data set URI, teacher."""
+    return {"backbone": backbone_name, "source": source, "load_options": load_options, "classes": data.classes,
+            "dataset": data.name, "teacher": teacher_record(teacher.path, backbone_name, data.name)}
+
+
+def package_stage(out: str | Path, backbone: Backbone, teacher: Teacher, cal: Calibrated,
+                  meta: dict[str, Any]) -> Path:
+    """Write ``cal`` as a packaged plan directory (``plan.json`` stage ``packaged`` + safetensors)."""
+    return save_plan(out, submodels=cal.submodels, aggregator=cal.aggregator,
+                     task_head=backbone.task_head(teacher.model), student_heads=cal.students,
+                     meta={**meta, "policy": cal.policy.to_dict()})
+
+
+def text_or_image_options(backbone: Backbone, load_options: dict[str, Any] | None, *, max_length: int | None,
+                          img_size: int | None) -> dict[str, Any]:
+    """``load_options`` with the input size for the backbone's modality (tokens, or pixels per side)."""
+    options = dict(load_options or {})
+    if backbone.modality == "text" and max_length:
+        options.setdefault("max_length", max_length)
+    if backbone.modality == "image" and img_size:
+        options.setdefault("img_size", img_size)
+    return options
+
+
+def run_calibrate(*, data: RawDataset, out: str | Path, backbone_name: str | None = None,
+                  plan: str | Path | None = None, source: str | None = None,
+                  devices: Sequence[str] | str = DEFAULT_DEVICES, aggregator_name: str = "mlp_fusion",
+                  config: BoosterConfig | None = None, booster_overrides: dict[str, Any] | None = None,
+                  max_length: int | None = None, img_size: int | None = None, layers: int | None = None,
+                  seed: int = 0, progress: Callable[[str, int, int], None] | None = None) -> Path:
+    """``coformer calibrate``: fit the teacher's head on ``data`` (cached), calibrate, package to ``out``.
+
+    Backbone, source and ``max_length`` default to what the plan recorded (``coformer plan``
+    writes them); calibration runs on ``data`` (the command defaults it to the plan's ``dataset``).
+    """
+    doc = searched_plan(plan) if plan is not None else {}
+    backbone_name = backbone_name or doc.get("backbone") or "bert"
+    source = source or doc.get("source")
+    backbone = registry.create("backbone", backbone_name)
+    options = text_or_image_options(backbone, None, max_length=max_length or doc.get("max_length"),
+                                    img_size=img_size)
+    torch.manual_seed(seed)
+    config = config or BoosterConfig.for_backbone(backbone, **{"seed": seed, **(booster_overrides or {})})
+    teacher = prepare_teacher(backbone, data, source=source, seed=seed, load_options=options, progress=progress)
+    cal = calibrate_stage(backbone, teacher, config=config, plan=plan, devices=devices, layers=layers,
+                          aggregator_name=aggregator_name)
+    with torch.inference_mode():
+        val_acc = accuracy(cal.aggregator(cal.val_features), teacher.val.labels)
+        teacher_val = accuracy(teacher.val_logits, teacher.val.labels)
+    meta = {**plan_record(backbone_name, source, options, data, teacher), "seed": seed,
+            "booster": {k: str(v) for k, v in vars(config).items()}, "searched": _search_summary(doc),
+            "figures": {"teacher": {"val_accuracy": round(teacher_val, 2)},
+                        "coformer": {"val_accuracy": round(val_acc, 2), "aggregator": aggregator_name}}}
+    return package_stage(out, backbone, teacher, cal, meta)
+
+
+def _search_summary(doc: dict[str, Any]) -> dict[str, Any] | None:
+    if not doc:
+        return None
+    return {k: doc[k] for k in ("strategy", "predicted", "delta", "validation") if k in doc}
