@@ -18,7 +18,7 @@ import click
 import torch
 from torch import nn
 
-from coformer.backbone import Backbone, Batch
+from coformer.backbone import Backbone
 from coformer.cli import DATA_HELP, cli, console
 from coformer.data import RawDataset, TensorDataset
 from coformer.data_choice import choose_dataset
