@@ -6,7 +6,6 @@ A transport's server side wraps :class:`WorkerState`; its client side implements
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait
@@ -26,6 +25,7 @@ from coformer.admission import (
     default_memory_budget,
     footprint_bytes,
     materialise,
+    parse_config_json,
     safetensors_header,
 )
 from coformer.aggregator import Aggregator
@@ -91,11 +91,7 @@ class WorkerState:
     def admit(self, config_json: str | dict[str, Any], header: dict[str, dict[str, Any]], digest: str, *,
               memory_limit_bytes: int | None = None) -> Admitted:
         """Check a config against a weights header and the memory budget; allocates no parameters."""
-        try:
-            config = json.loads(config_json) if isinstance(config_json, str) else config_json
-        except json.JSONDecodeError as exc:
-            raise AdmissionError(f"config_json is not valid JSON: {exc}") from exc
-        config = check_config_sanity(config)
+        config = check_config_sanity(parse_config_json(config_json) if isinstance(config_json, str) else config_json)
         if not isinstance(config.get("backbone"), str):
             raise AdmissionError("config must name its 'backbone' (a SubModel.config)")
         from coformer.registry import create

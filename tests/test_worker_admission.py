@@ -26,7 +26,7 @@ from coformer.runtime import Coordinator, WorkerState
 from coformer.transport import BadRequestError, SubModelArtifact, sha256
 from coformer_transports.grpc_transport import GrpcBadRequestError, GrpcClient, GrpcTransportError, serve
 from coformer_transports.proto import coformer_pb2 as pb
-from coformer_transports.worker_process import rss_bytes, start_worker, stop_worker
+from coformer_transports.worker_process import peak_rss_bytes, reset_peak_rss, rss_bytes, start_worker, stop_worker
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -109,7 +109,7 @@ def test_absurd_load_over_grpc_leaves_worker_rss_unchanged(bert: dict[str, Any])
             with pytest.raises(GrpcBadRequestError, match=r"q\.weight") as err:
                 client.load(SubModelArtifact.from_parts(_absurd(other.config), other.weights))
             assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
-        huge = {**other.config, "vocab_size": 10**9}  # 4 GB of embeddings
+        huge = {**other.config, "vocab_size": 16_000_000}  # 2 GB of embeddings, under MAX_CONFIG_INT
         with pytest.raises(GrpcBadRequestError, match=r"tensor 'word\.weight'"):
             client.load(SubModelArtifact.from_parts(huge, other.weights))
         grown = rss_bytes(proc.pid) - before
@@ -118,6 +118,39 @@ def test_absurd_load_over_grpc_leaves_worker_rss_unchanged(bert: dict[str, Any])
         assert proc.poll() is None
     finally:
         stop_worker(proc)
+
+
+def test_config_with_a_huge_list_is_refused_before_it_costs_memory(bert: dict[str, Any]) -> None:
+    """A 3M-entry ``heads`` list (a 9 MB config) once cost the worker ~480 MB of transient RSS while
+    its values were counted; it is now refused on the text's size and the peak RSS barely moves."""
+    art, other = bert["arts"]
+    proc, uri = start_worker("--threads", "1", "--max-memory-mb", "256")
+    try:
+        client = GrpcClient(uri)
+        client.load(art)
+        expected = client.infer(art.sha256, bert["batch"]).features
+        reset_peak_rss(proc.pid)
+        before = rss_bytes(proc.pid)
+        huge = {**other.config, "heads": [4] * 3_000_000}
+        with pytest.raises(GrpcBadRequestError, match="config_json is .* bytes, over") as err:
+            client.load(SubModelArtifact.from_parts(huge, other.weights))
+        assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        peak = peak_rss_bytes(proc.pid) - before
+        assert peak < 64 * 2**20, f"peak RSS rose by {peak / 2**20:.0f} MB on a refused config (bound: 64 MB)"
+        assert torch.equal(client.infer(art.sha256, bert["batch"]).features, expected)
+    finally:
+        stop_worker(proc)
+
+
+def test_config_sanity_counts_a_container_before_walking_it() -> None:
+    from coformer.admission import MAX_CONFIG_SCALARS, check_config_sanity, parse_config_json
+
+    with pytest.raises(AdmissionError, match="values; not a sub-model config"):
+        check_config_sanity({"backbone": "bert", "heads": [4] * (MAX_CONFIG_SCALARS + 1)})
+    with pytest.raises(AdmissionError, match=r"config\.heads\[1\] = -3"):
+        check_config_sanity({"backbone": "bert", "heads": [4, -3]})
+    with pytest.raises(AdmissionError, match="over the 1,048,576"):
+        parse_config_json(" " * (2**20 + 1))
 
 
 def _bigger_bert(bert: dict[str, Any], vocab: int) -> torch.nn.Module:
