@@ -6,13 +6,14 @@ A transport's server side wraps :class:`WorkerState`; its client side implements
 
 from __future__ import annotations
 
-import json
 import threading
 import time
+from collections import OrderedDict
+from contextlib import contextmanager
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -24,8 +25,9 @@ from coformer.admission import (
     check_config_sanity,
     compare_to_weights,
     default_memory_budget,
-    footprint_bytes,
     materialise,
+    parse_config_json,
+    resident_bytes,
     safetensors_header,
 )
 from coformer.aggregator import Aggregator
@@ -59,6 +61,11 @@ class WorkerState:
     header and against ``max_memory_bytes`` (default: half the memory available at start)
     before any parameter memory exists. Requests are checked against ``limits`` and the
     sub-model's own limits before compute. Setting :attr:`cancel` aborts loads in progress.
+
+    The loaded models are a cache bounded by ``max_memory_bytes`` (tensors plus per-module
+    overhead, :func:`~coformer.admission.resident_bytes`): a load that does not fit evicts the
+    least-recently-used models that no request is using; it is refused only if the models in use
+    leave no room. A coordinator whose model was evicted reloads it (see :class:`RecoveryPolicy`).
     """
 
     def __init__(self, name: str = "worker", threads: int | None = None, *,
@@ -69,8 +76,10 @@ class WorkerState:
         self.max_memory_bytes = default_memory_budget() if max_memory_bytes is None else int(max_memory_bytes)
         if self.max_memory_bytes < 1:
             raise ValueError(f"max_memory_bytes must be positive, got {max_memory_bytes}")
-        self._models: dict[str, SubModel] = {}
+        self._models: OrderedDict[str, SubModel] = OrderedDict()  # least recently used first
         self._footprints: dict[str, int] = {}
+        self._in_use: dict[str, int] = {}
+        self.evicted = 0
         self._lock = threading.Lock()
         self._load_lock = threading.Lock()  # one materialisation at a time, so the budget holds
         self.cancel = threading.Event()
@@ -86,16 +95,28 @@ class WorkerState:
     @property
     def used_memory_bytes(self) -> int:
         """Bytes the loaded sub-models take."""
-        return sum(self._footprints.values())
+        with self._lock:
+            return sum(self._footprints.values())
+
+    def _pinned_bytes(self) -> int:
+        """Bytes of the models a request is using now (never evicted); call with ``_lock`` held."""
+        return sum(self._footprints[d] for d, n in self._in_use.items() if n and d in self._footprints)
+
+    def _make_room(self, need: int, budget: int, what: str) -> None:
+        """Evict least-recently-used idle models until ``need`` fits ``budget``; refuse if it cannot."""
+        with self._lock:
+            admit_memory(need, budget, self._pinned_bytes(), what)
+            for digest in list(self._models):
+                if sum(self._footprints.values()) + need <= budget:
+                    break
+                if not self._in_use.get(digest):
+                    del self._models[digest], self._footprints[digest]
+                    self.evicted += 1
 
     def admit(self, config_json: str | dict[str, Any], header: dict[str, dict[str, Any]], digest: str, *,
               memory_limit_bytes: int | None = None) -> Admitted:
         """Check a config against a weights header and the memory budget; allocates no parameters."""
-        try:
-            config = json.loads(config_json) if isinstance(config_json, str) else config_json
-        except json.JSONDecodeError as exc:
-            raise AdmissionError(f"config_json is not valid JSON: {exc}") from exc
-        config = check_config_sanity(config)
+        config = check_config_sanity(parse_config_json(config_json) if isinstance(config_json, str) else config_json)
         if not isinstance(config.get("backbone"), str):
             raise AdmissionError("config must name its 'backbone' (a SubModel.config)")
         from coformer.registry import create
@@ -110,10 +131,11 @@ class WorkerState:
 
         meta = build_on_meta(factory, max_tensors=len(header))
         compare_to_weights(meta, header)
-        need = footprint_bytes(meta)
+        need = resident_bytes(meta)
         budget = self.max_memory_bytes if memory_limit_bytes is None else min(self.max_memory_bytes,
                                                                                int(memory_limit_bytes))
-        admit_memory(need, budget, self.used_memory_bytes, f"sub-model {digest[:12]}…")
+        with self._lock:  # idle models can be evicted to make room, models in use cannot
+            admit_memory(need, budget, self._pinned_bytes(), f"sub-model {digest[:12]}…")
         return Admitted(digest, factory, need)
 
     def install(self, admitted: Admitted, weights: bytes | str | Path, *,
@@ -124,7 +146,7 @@ class WorkerState:
                 return True
             budget = self.max_memory_bytes if memory_limit_bytes is None else min(self.max_memory_bytes,
                                                                                    int(memory_limit_bytes))
-            admit_memory(admitted.footprint, budget, self.used_memory_bytes, f"sub-model {admitted.digest[:12]}…")
+            self._make_room(admitted.footprint, budget, f"sub-model {admitted.digest[:12]}…")
             if self.cancel.is_set():
                 raise LoadCancelledError("load cancelled: the worker is shutting down")
             try:
@@ -156,9 +178,27 @@ class WorkerState:
 
     def infer(self, digest: str, batch: Batch) -> InferResult:
         """Run one sub-model on ``batch`` after checking it against the limits; features come back as fp16."""
-        model = self._models.get(digest)
-        if model is None:
-            raise ModelNotLoadedError(f"no sub-model with sha256 {digest[:12]}… is loaded; call load first")
+        with self.using(digest) as model:
+            return self._run(model, batch)
+
+    @contextmanager
+    def using(self, digest: str) -> Iterator[SubModel]:
+        """Hold a loaded sub-model for a request: it becomes most recently used and cannot be evicted meanwhile."""
+        with self._lock:
+            model = self._models.get(digest)
+            if model is None:
+                raise ModelNotLoadedError(f"no sub-model with sha256 {digest[:12]}… is loaded; call load first")
+            self._models.move_to_end(digest)
+            self._in_use[digest] = self._in_use.get(digest, 0) + 1
+        try:
+            yield model
+        finally:
+            with self._lock:
+                self._in_use[digest] -= 1
+                if not self._in_use[digest]:
+                    del self._in_use[digest]
+
+    def _run(self, model: SubModel, batch: Batch) -> InferResult:
         try:
             check_batch(batch, model, self.limits)
         except BadRequestError:
@@ -182,8 +222,10 @@ class WorkerState:
 
     def health(self) -> dict[str, Any]:
         """Liveness, loaded models and counters."""
-        return {"ok": True, "name": self.name, "models": sorted(self._models),
-                "requests": self.requests, "errors": self.errors}
+        with self._lock:
+            models = sorted(self._models)
+        return {"ok": True, "name": self.name, "models": models,
+                "requests": self.requests, "errors": self.errors, "evicted": self.evicted}
 
     def info(self) -> dict[str, Any]:
         """Name, loaded models, request limits and the memory budget (what a coordinator plans with)."""

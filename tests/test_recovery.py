@@ -185,7 +185,8 @@ def test_sigterm_drains_within_grace_and_reports_cut_calls(bert: dict[str, Any])
         assert "finished" in proc.stderr.read()
     finally:
         stop_worker(proc)
-    # 2) a call longer than the grace is cut: exit 3, within the grace (+ startup slack)
+    # 2) a call longer than the grace is cut: exit 3, the process gone within the grace counted from the
+    #    signal (it used to drain for the whole grace and exit after it)
     proc, uri = start_worker(*limits, "--grace", "0.5")
     try:
         GrpcClient(uri).load(art)
@@ -195,7 +196,8 @@ def test_sigterm_drains_within_grace_and_reports_cut_calls(bert: dict[str, Any])
         start = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 3
-        assert time.monotonic() - start < 0.5 + 1.5
+        took = time.monotonic() - start
+        assert took <= 0.5, f"exited {took:.3f}s after SIGTERM, over the 0.5s grace"
         assert "cut after the 0.5s grace" in proc.stderr.read()
         t.join(20)
     finally:

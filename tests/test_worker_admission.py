@@ -15,18 +15,20 @@ from typing import Any
 import grpc
 import pytest
 import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
 
 import coformer
-from coformer.admission import AdmissionError, LoadCancelledError, MemoryBudgetError, build_on_meta
+from coformer.admission import AdmissionError, LoadCancelledError, MemoryBudgetError, build_on_meta, safetensors_header
 from coformer.artifacts import ArtifactError, load_plan, save_plan, submodel_artifact
 from coformer.decompose import proportional_specs
 from coformer.heads import StudentHead
 from coformer.limits import RequestLimits, RequestTooLargeError
 from coformer.runtime import Coordinator, WorkerState
-from coformer.transport import BadRequestError, SubModelArtifact, sha256
+from coformer.transport import BadRequestError, ModelNotLoadedError, SubModelArtifact, sha256
 from coformer_transports.grpc_transport import GrpcBadRequestError, GrpcClient, GrpcTransportError, serve
 from coformer_transports.proto import coformer_pb2 as pb
-from coformer_transports.worker_process import rss_bytes, start_worker, stop_worker
+from coformer_transports.worker_process import peak_rss_bytes, reset_peak_rss, rss_bytes, start_worker, stop_worker
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -78,17 +80,74 @@ def test_config_not_matching_weights_is_refused_naming_the_tensor(bert: dict[str
     assert state.load(art.config, art.weights, art.sha256) is False  # the right pair still loads
 
 
+def _need(art: SubModelArtifact) -> int:
+    """Bytes a worker's budget charges for ``art`` (tensors plus per-module overhead)."""
+    return WorkerState("probe", max_memory_bytes=1 << 30).admit(art.config, safetensors_header(art.weights),
+                                                                  art.sha256).footprint
+
+
 def test_memory_budget_and_plan_device_memory_refuse_with_mb_figures(bert: dict[str, Any]) -> None:
     a0, a1 = bert["arts"]
-    state = WorkerState("w", max_memory_bytes=len(a0.weights) + 1000)
+    state = WorkerState("w", max_memory_bytes=_need(a0) + 1000)
     state.load(a0.config, a0.weights, a0.sha256)
-    with pytest.raises(MemoryBudgetError, match=r"needs 0\.0\d+ MB but 0\.0\d+ MB of the 0\.\d+ MB budget") as err:
-        state.load(a1.config, a1.weights, a1.sha256)
+    with state.using(a0.sha256):  # a model in use is never evicted, so a1 has no room
+        with pytest.raises(MemoryBudgetError, match=r"needs 0\.\d+ MB but 0\.0\d+ MB of the 0\.\d+ MB budget") as err:
+            state.load(a1.config, a1.weights, a1.sha256)
     assert err.value.needed_bytes > err.value.available_bytes
+    assert state.health()["models"] == [a0.sha256]
     roomy = WorkerState("w2", max_memory_bytes=1 << 30)
     with pytest.raises(MemoryBudgetError):  # the plan's device memory caps the worker's own budget
         roomy.load(a1.config, a1.weights, a1.sha256, memory_limit_bytes=1000)
     assert roomy.load(a1.config, a1.weights, a1.sha256, memory_limit_bytes=10 << 20) is False
+
+
+def _variants(art: SubModelArtifact, n: int) -> list[SubModelArtifact]:
+    """``n`` artifacts with ``art``'s tensors and config but distinct sha256 (a metadata tag each)."""
+    state = st_load(art.weights)
+    return [SubModelArtifact.from_parts(art.config, st_save(state, metadata={"v": str(i)})) for i in range(n)]
+
+
+def test_model_cache_evicts_least_recently_used_never_one_in_use(bert: dict[str, Any]) -> None:
+    v0, v1, v2 = _variants(bert["arts"][1], 3)
+    need = _need(v0)
+    state = WorkerState("w", max_memory_bytes=2 * need + need // 2)  # room for two
+    for v in (v0, v1):
+        state.load(v.config, v.weights, v.sha256)
+    expected = state.infer(v0.sha256, bert["batch"]).features  # v0 is now the most recently used
+    state.load(v2.config, v2.weights, v2.sha256)
+    assert set(state.health()["models"]) == {v0.sha256, v2.sha256} and state.evicted == 1
+    assert state.used_memory_bytes == 2 * need <= state.max_memory_bytes
+    with state.using(v0.sha256):  # v0 in use: the idle v2 goes, then v0 is the LRU but pinned
+        state.load(v1.config, v1.weights, v1.sha256)
+        assert set(state.health()["models"]) == {v0.sha256, v1.sha256}
+        state.load(v2.config, v2.weights, v2.sha256)
+        assert set(state.health()["models"]) == {v0.sha256, v2.sha256} and state.evicted == 3
+    assert torch.equal(state.infer(v0.sha256, bert["batch"]).features, expected)
+    with pytest.raises(ModelNotLoadedError):  # an evicted model is gone until loaded again
+        state.infer(v1.sha256, bert["batch"])
+    with pytest.raises(MemoryBudgetError, match="needs"):  # over the whole budget: refused, nothing evicted
+        WorkerState("small", max_memory_bytes=need - 1).load(v0.config, v0.weights, v0.sha256)
+
+
+def test_many_small_models_keep_worker_rss_bounded_by_its_budget(bert: dict[str, Any]) -> None:
+    """120 distinct small models through a 4 MB budget: the cache evicts and RSS stays near loaded + budget."""
+    art = bert["arts"][0]
+    proc, uri = start_worker("--threads", "1", "--max-memory-mb", "4")
+    try:
+        client = GrpcClient(uri)
+        client.load(art)
+        expected = client.infer(art.sha256, bert["batch"]).features
+        before = rss_bytes(proc.pid)
+        for v in _variants(bert["arts"][1], 120):
+            client.load(v)
+            assert torch.equal(client.infer(art.sha256, bert["batch"]).features, expected)  # keeps `art` recent
+        info = client.info()
+        assert info["used_memory_bytes"] <= info["max_memory_bytes"] and art.sha256 in info["models"]
+        assert len(info["models"]) < 120
+        grown = rss_bytes(proc.pid) - before
+        assert grown < 4 * 2**20 + 24 * 2**20, f"RSS grew {grown / 2**20:.1f} MB (bound: 4 MB budget + 24 MB)"
+    finally:
+        stop_worker(proc)
 
 
 def test_meta_build_is_bounded_by_the_weights_tensor_count(bert: dict[str, Any]) -> None:
@@ -109,7 +168,7 @@ def test_absurd_load_over_grpc_leaves_worker_rss_unchanged(bert: dict[str, Any])
             with pytest.raises(GrpcBadRequestError, match=r"q\.weight") as err:
                 client.load(SubModelArtifact.from_parts(_absurd(other.config), other.weights))
             assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
-        huge = {**other.config, "vocab_size": 10**9}  # 4 GB of embeddings
+        huge = {**other.config, "vocab_size": 16_000_000}  # 2 GB of embeddings, under MAX_CONFIG_INT
         with pytest.raises(GrpcBadRequestError, match=r"tensor 'word\.weight'"):
             client.load(SubModelArtifact.from_parts(huge, other.weights))
         grown = rss_bytes(proc.pid) - before
@@ -118,6 +177,39 @@ def test_absurd_load_over_grpc_leaves_worker_rss_unchanged(bert: dict[str, Any])
         assert proc.poll() is None
     finally:
         stop_worker(proc)
+
+
+def test_config_with_a_huge_list_is_refused_before_it_costs_memory(bert: dict[str, Any]) -> None:
+    """A 3M-entry ``heads`` list (a 9 MB config) once cost the worker ~480 MB of transient RSS while
+    its values were counted; it is now refused on the text's size and the peak RSS barely moves."""
+    art, other = bert["arts"]
+    proc, uri = start_worker("--threads", "1", "--max-memory-mb", "256")
+    try:
+        client = GrpcClient(uri)
+        client.load(art)
+        expected = client.infer(art.sha256, bert["batch"]).features
+        reset_peak_rss(proc.pid)
+        before = rss_bytes(proc.pid)
+        huge = {**other.config, "heads": [4] * 3_000_000}
+        with pytest.raises(GrpcBadRequestError, match="config_json is .* bytes, over") as err:
+            client.load(SubModelArtifact.from_parts(huge, other.weights))
+        assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        peak = peak_rss_bytes(proc.pid) - before
+        assert peak < 64 * 2**20, f"peak RSS rose by {peak / 2**20:.0f} MB on a refused config (bound: 64 MB)"
+        assert torch.equal(client.infer(art.sha256, bert["batch"]).features, expected)
+    finally:
+        stop_worker(proc)
+
+
+def test_config_sanity_counts_a_container_before_walking_it() -> None:
+    from coformer.admission import MAX_CONFIG_SCALARS, check_config_sanity, parse_config_json
+
+    with pytest.raises(AdmissionError, match="values; not a sub-model config"):
+        check_config_sanity({"backbone": "bert", "heads": [4] * (MAX_CONFIG_SCALARS + 1)})
+    with pytest.raises(AdmissionError, match=r"config\.heads\[1\] = -3"):
+        check_config_sanity({"backbone": "bert", "heads": [4, -3]})
+    with pytest.raises(AdmissionError, match="over the 1,048,576"):
+        parse_config_json(" " * (2**20 + 1))
 
 
 def _bigger_bert(bert: dict[str, Any], vocab: int) -> torch.nn.Module:

@@ -47,6 +47,7 @@ from coformer.admission import (
     MemoryBudgetError,
     header_length,
     mb,
+    parse_config_json,
     safetensors_header,
 )
 from coformer.backbone import Batch
@@ -300,12 +301,7 @@ class WorkerServer:
     def _parse_config(sha: str, config_json: str) -> dict[str, Any]:
         if len(sha) != 64:
             raise BadRequestError(f"sha256 must be 64 hex digits, got {sha!r}")
-        try:
-            config = json.loads(config_json)
-        except json.JSONDecodeError as exc:
-            raise BadRequestError(f"config_json is not valid JSON: {exc}") from exc
-        except RecursionError as exc:
-            raise BadRequestError("config_json is nested too deeply") from exc
+        config = parse_config_json(config_json)
         if not isinstance(config, dict) or "backbone" not in config:
             raise BadRequestError("config_json must be a JSON object with a 'backbone' key (a SubModel.config)")
         return config

@@ -62,3 +62,8 @@ def rss_bytes(pid: int) -> int:
 def peak_rss_bytes(pid: int) -> int:
     """Peak resident set size of process ``pid`` since it started (Linux ``VmHWM``)."""
     return _status_field(pid, "VmHWM")
+
+
+def reset_peak_rss(pid: int) -> None:
+    """Reset ``VmHWM`` of process ``pid`` to its current RSS, so :func:`peak_rss_bytes` covers what follows (Linux)."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
