@@ -35,7 +35,7 @@ def content_hash(teacher: nn.Module, batch: Batch) -> str:
 
 
 def _cache_root() -> Path:
-    from coformer.pipeline import cache_dir
+    from coformer.cache import cache_dir
 
     return cache_dir() / "importance"
 

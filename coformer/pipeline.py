@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -18,19 +17,11 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from coformer.cache import cache_dir
 from coformer.backbone import Backbone, Batch, SubModel
 from coformer.data import RawDataset, RawSplit, TensorDataset
 from coformer.heads import ClassifierHead
 from coformer.measure import count_flops, count_params
-
-
-def cache_dir() -> Path:
-    """Where fine-tuned teachers are cached: ``$COFORMER_CACHE`` or ``$XDG_CACHE_HOME/coformer``."""
-    env = os.environ.get("COFORMER_CACHE")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "coformer"
 
 
 def encode(backbone: Backbone, model: nn.Module, split: RawSplit, batch_size: int = 256) -> TensorDataset:

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from coformer.hookspecs import Register, hookimpl
-from coformer.pipeline import cache_dir
+from coformer.cache import cache_dir
 from coformer.spec import ModelShape
 from coformer_backbones._hf_common import Canon, HFBackbone
 from coformer_backbones._packaged import package_file

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Sequence
 
-from coformer.pipeline import cache_dir
+from coformer.cache import cache_dir
 from coformer.transport import sha256_file
 
 FETCH_COMMAND = "python -m coformer_backbones.mpnet_assets fetch"

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from coformer.pipeline import cache_dir
+from coformer.cache import cache_dir
 from coformer.transport import sha256_file
 from coformer_backbones._packaged import OnnxConversionError, package_file
 
