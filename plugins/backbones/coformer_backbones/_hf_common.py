@@ -42,6 +42,7 @@ from coformer.backbone import Backbone, Batch, SubModel, UnitImportance
 from coformer.heads import ClassifierHead, load_head, save_head
 from coformer.spec import ModelShape, UnitSelection, check_selection
 from coformer_backbones._hf_parallel import LayeredLM
+from coformer_backbones._inputs import pool
 from coformer_backbones._parallel import PARALLEL_KINDS, ParallelBaselines, build_parallel
 
 BACKBONE_CONFIG = "coformer_backbone.json"
@@ -91,22 +92,6 @@ class HashTokenizer:
             ids[i, : len(r)] = torch.tensor(r)
             mask[i, : len(r)] = 1
         return {"input_ids": ids, "attention_mask": mask}
-
-
-def pool(hidden: Tensor, attention_mask: Tensor | None, how: str) -> Tensor:
-    """``hidden [B, T, d]`` → ``[B, d]``: ``"last"`` real token (either padding side) or ``"mean"`` over real tokens."""
-    if how == "mean":
-        if attention_mask is None:
-            return hidden.mean(dim=1)
-        m = attention_mask.to(hidden.dtype).unsqueeze(-1)
-        return (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1e-9)
-    if how == "last":
-        if attention_mask is None:
-            return hidden[:, -1]
-        pos = torch.arange(hidden.shape[1], device=hidden.device)
-        last = (attention_mask.long() * (pos + 1)).argmax(dim=1)
-        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-    raise ValueError(f"unknown pooling {how!r}; use 'last' or 'mean'")
 
 
 def next_token_nll(logits: Tensor, input_ids: Tensor, attention_mask: Tensor | None) -> tuple[Tensor, Tensor]:

@@ -14,6 +14,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from coformer.backbone import Batch
+from coformer_backbones._inputs import pool
 
 
 def _key_mask(batch: Batch) -> Tensor | None:
@@ -71,8 +72,6 @@ class LayeredLM:
 
     def finish(self, hidden: Tensor, batch: Batch) -> Tensor:
         """Final norm, then the teacher's pooling."""
-        from coformer_backbones._hf_common import pool
-
         final_norm = self.final_norm  # type: ignore[attr-defined]
         return pool(final_norm(hidden), batch.get("attention_mask"), self.config["pooling"])
 
@@ -130,9 +129,7 @@ class LayeredBert:
 
     def finish(self, hidden: Tensor, batch: Batch) -> Tensor:
         """Mean over real tokens (sentence-transformers pooling)."""
-        from coformer_backbones.bert import mean_pool
-
-        return mean_pool(hidden, batch.get("attention_mask"))
+        return pool(hidden, batch.get("attention_mask"), "mean")
 
     def zero_output_biases(self) -> None:
         """Shards return partial sums without the projection biases (the host adds them once)."""

@@ -29,10 +29,10 @@ from coformer.backbone import Backbone, Batch, SubModel, UnitImportance
 from coformer.heads import ClassifierHead
 from coformer.spec import ModelShape, UnitSelection
 from coformer_backbones._parallel import PARALLEL_KINDS, ParallelBaselines, build_parallel
+from coformer_backbones._inputs import PIXELS, pixels
 from coformer_backbones._timm_parallel import LayeredTimm
 
 #: The batch key every vision backbone uses: normalised images ``[B, C, H, W]``.
-PIXELS = "pixel_values"
 
 # Arguments that describe a sub-model's size; everything else is copied from the teacher.
 _SIZE_ARGS = {"embed_dim", "depth", "depths", "num_heads", "mlp_ratio", "num_classes", "img_size",
@@ -150,13 +150,6 @@ def prepare_images(model: nn.Module, examples: Any) -> Batch:
     mean = torch.tensor(cfg.get("mean", (0.5,) * in_chans)).view(1, -1, 1, 1)
     std = torch.tensor(cfg.get("std", (0.5,) * in_chans)).view(1, -1, 1, 1)
     return {PIXELS: ((x - mean) / std).contiguous()}
-
-
-def pixels(batch: Batch) -> Tensor:
-    """The image tensor of a batch, with a clear error when it is missing."""
-    if PIXELS not in batch:
-        raise KeyError(f"a vision batch needs {PIXELS!r} (got {sorted(batch)}); build it with backbone.prepare()")
-    return batch[PIXELS]
 
 
 def seeded(seed: int) -> Callable[[Callable[[], nn.Module]], nn.Module]:

@@ -16,6 +16,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from coformer.backbone import Batch
+from coformer_backbones._inputs import pixels
 
 
 def _zero_bias(linear: nn.Linear) -> None:
@@ -62,8 +63,6 @@ class LayeredTimm:
 
     def embed_input(self, batch: Batch) -> Tensor:
         """Patch embedding (+ class/distillation/register tokens and positions for a ViT)."""
-        from coformer_backbones._timm_common import pixels
-
         net = self.net
         if not self._is_vit():
             return net.patch_embed(pixels(batch))

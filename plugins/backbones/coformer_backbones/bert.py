@@ -30,6 +30,7 @@ from coformer.heads import ClassifierHead, load_head, save_head
 from coformer.hookspecs import Register, hookimpl
 from coformer.spec import ModelShape, UnitSelection, check_selection
 from coformer_backbones._hf_parallel import LayeredBert
+from coformer_backbones._inputs import pool
 from coformer_backbones._parallel import PARALLEL_KINDS, ParallelBaselines, build_parallel
 
 BACKBONE_CONFIG = "coformer_backbone.json"
@@ -54,10 +55,7 @@ def _activation(name: str) -> Callable[[Tensor], Tensor]:
 
 def mean_pool(hidden: Tensor, attention_mask: Tensor | None) -> Tensor:
     """Mean of ``hidden [B, S, d]`` over the tokens ``attention_mask [B, S]`` marks (sentence-transformers pooling)."""
-    if attention_mask is None:
-        return hidden.mean(dim=1)
-    m = attention_mask.to(hidden.dtype).unsqueeze(-1)
-    return (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1e-9)
+    return pool(hidden, attention_mask, "mean")
 
 
 class HashTokenizer:
