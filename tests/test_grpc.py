@@ -24,8 +24,7 @@ import torch
 from click.testing import CliRunner
 
 import coformer
-from coformer.artifacts import load_plan, save_plan, submodel_artifact
-from coformer.decompose import proportional_specs
+from coformer.artifacts import load_plan, save_plan
 from coformer.heads import StudentHead
 from coformer.limits import RequestLimits
 from coformer.runtime import Coordinator
@@ -40,6 +39,8 @@ from coformer_transports.grpc_transport import (
 )
 from coformer_transports.proto import coformer_pb2 as pb
 
+from tiny_split import tiny_bert_split
+
 pytestmark = pytest.mark.timeout(120)
 
 
@@ -49,14 +50,7 @@ pytestmark = pytest.mark.timeout(120)
 @pytest.fixture(scope="module")
 def bert() -> dict[str, Any]:
     """A tiny BERT teacher decomposed into 3 sub-models, their artifacts and an example batch."""
-    torch.manual_seed(0)
-    backbone = coformer.create_backbone("bert")
-    teacher = backbone.tiny(num_labels=3)
-    batch = backbone.example_batch(teacher, batch_size=2)
-    specs = proportional_specs(backbone.shape(teacher), [3, 2, 1])
-    subs = [s.eval() for s in backbone.decompose(teacher, specs, batch=batch)]
-    arts = [submodel_artifact(s) for s in subs]
-    return {"backbone": backbone, "teacher": teacher, "batch": batch, "subs": subs, "arts": arts}
+    return tiny_bert_split([3, 2, 1])
 
 
 @pytest.fixture()

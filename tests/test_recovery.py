@@ -19,15 +19,13 @@ from typing import Any
 import pytest
 import torch
 
-import coformer
-from coformer.artifacts import submodel_artifact
-from coformer.decompose import proportional_specs
-from coformer.heads import StudentHead
 from coformer.limits import RequestLimits
 from coformer.runtime import Coordinator, RecoveryPolicy
 from coformer.transport import WorkerClient
 from coformer_transports.grpc_transport import GrpcClient, serve
 from coformer_transports.worker_process import start_worker, stop_worker
+
+from tiny_split import tiny_bert_split
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -35,17 +33,7 @@ pytestmark = pytest.mark.timeout(180)
 @pytest.fixture(scope="module")
 def bert() -> dict[str, Any]:
     """A tiny BERT teacher cut into 3 sub-models, their artifacts, an aggregator and a batch."""
-    torch.manual_seed(0)
-    backbone = coformer.create_backbone("bert")
-    teacher = backbone.tiny(num_labels=3)
-    batch = backbone.example_batch(teacher, batch_size=2)
-    subs = [s.eval() for s in backbone.decompose(teacher, proportional_specs(backbone.shape(teacher), [2, 1, 1]),
-                                                 batch=batch)]
-    head = backbone.task_head(teacher)
-    students = [StudentHead(s.feature_dim, head.cfg["in_dim"], head) for s in subs]
-    agg = coformer.create_aggregator("averaging", feature_dims=[s.feature_dim for s in subs],
-                                     embed_dim=head.cfg["in_dim"], task_head=head, student_heads=students).eval()
-    return {"batch": batch, "subs": subs, "arts": [submodel_artifact(s) for s in subs], "agg": agg}
+    return tiny_bert_split([2, 1, 1])
 
 
 def _expected(bert: dict[str, Any], batch: dict[str, torch.Tensor], keep: list[bool]) -> torch.Tensor:

@@ -15,9 +15,6 @@ import torch
 from click.testing import CliRunner
 
 import coformer
-from coformer.artifacts import submodel_artifact
-from coformer.decompose import proportional_specs
-from coformer.heads import StudentHead
 from coformer.runtime import Coordinator
 from coformer.spec import BUILTIN_DEVICES
 from coformer.testbed import (
@@ -34,6 +31,8 @@ from coformer.testbed import (
     up,
 )
 from coformer.transport import encode_batch
+
+from tiny_split import tiny_bert_split
 
 REASON = unavailable_reason()
 needs_root = pytest.mark.skipif(REASON is not None, reason=f"emulated testbed unavailable: {REASON}")
@@ -101,16 +100,7 @@ def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Testbed]:
 @pytest.fixture(scope="module")
 def tiny() -> dict[str, Any]:
     """A tiny BERT split in two, with artifacts and an averaging aggregator."""
-    backbone = coformer.create_backbone("bert")
-    teacher = backbone.tiny(num_labels=3)
-    batch = backbone.example_batch(teacher, batch_size=2)
-    subs = [s.eval() for s in backbone.decompose(teacher, proportional_specs(backbone.shape(teacher), [2, 1]),
-                                                 batch=batch)]
-    head = backbone.task_head(teacher)
-    agg = coformer.create_aggregator("averaging", feature_dims=[s.feature_dim for s in subs], embed_dim=32,
-                                     task_head=head,
-                                     student_heads=[StudentHead(s.feature_dim, 32, head) for s in subs]).eval()
-    return {"batch": batch, "subs": subs, "arts": [submodel_artifact(s) for s in subs], "agg": agg}
+    return tiny_bert_split([2, 1])
 
 
 @needs_root

@@ -18,11 +18,8 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-import coformer
 from coformer.admission import AdmissionError, LoadCancelledError, MemoryBudgetError, build_on_meta, safetensors_header
 from coformer.artifacts import ArtifactError, load_plan, save_plan, submodel_artifact
-from coformer.decompose import proportional_specs
-from coformer.heads import StudentHead
 from coformer.limits import RequestLimits, RequestTooLargeError
 from coformer.runtime import Coordinator, WorkerState
 from coformer.transport import BadRequestError, ModelNotLoadedError, SubModelArtifact, sha256
@@ -30,24 +27,15 @@ from coformer_transports.grpc_transport import GrpcBadRequestError, GrpcClient, 
 from coformer_transports.proto import coformer_pb2 as pb
 from coformer_transports.worker_process import peak_rss_bytes, reset_peak_rss, rss_bytes, start_worker, stop_worker
 
+from tiny_split import tiny_bert_split
+
 pytestmark = pytest.mark.timeout(180)
 
 
 @pytest.fixture(scope="module")
 def bert() -> dict[str, Any]:
     """A tiny BERT teacher cut into 2 sub-models, their artifacts, an aggregator and a batch."""
-    torch.manual_seed(0)
-    backbone = coformer.create_backbone("bert")
-    teacher = backbone.tiny(num_labels=3)
-    batch = backbone.example_batch(teacher, batch_size=2)
-    subs = [s.eval() for s in backbone.decompose(teacher, proportional_specs(backbone.shape(teacher), [2, 1]),
-                                                 batch=batch)]
-    head = backbone.task_head(teacher)
-    students = [StudentHead(s.feature_dim, head.cfg["in_dim"], head) for s in subs]
-    agg = coformer.create_aggregator("averaging", feature_dims=[s.feature_dim for s in subs],
-                                     embed_dim=head.cfg["in_dim"], task_head=head, student_heads=students).eval()
-    return {"backbone": backbone, "teacher": teacher, "batch": batch, "subs": subs,
-            "arts": [submodel_artifact(s) for s in subs], "agg": agg, "head": head, "students": students}
+    return tiny_bert_split([2, 1])
 
 
 def _features(sub: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -224,7 +212,7 @@ def test_streamed_load_of_a_model_over_the_message_limit(bert: dict[str, Any]) -
     assert len(art.weights) > 3 * limit  # the model is over the configured message limit
     srv = serve("127.0.0.1:0", max_message_bytes=limit)
     try:
-        client = GrpcClient(srv.uri + f"?max_message_mb=1")
+        client = GrpcClient(srv.uri + "?max_message_mb=1")
         client.max_message_bytes = limit  # chunks sized to the worker's limit
         with pytest.raises(GrpcBadRequestError, match="RESOURCE_EXHAUSTED"):  # one message cannot carry it
             client._call("LoadModel", pb.LoadModelRequest(sha256=art.sha256, config_json=json.dumps(art.config),
