@@ -12,7 +12,7 @@ from coformer.cli import DATA_HELP, cli, console
 
 @cli.command("demo")
 @click.option("--backbone", "backbone_name", default="bert", show_default=True,
-              help="Backbone with an embedded default model (bert, vit, llama).")
+              help="Any registered backbone (`coformer plugins` lists them); without --source, its own default weights.")
 @click.option("--source", default=None, help="Local checkpoint directory instead of the embedded default.")
 @click.option("--plan", "plan_dir", type=click.Path(exists=True, file_okay=False), default=None,
               help="A `coformer plan` directory whose policy replaces the proportional one.")
