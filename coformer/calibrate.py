@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from coformer import registry
+from coformer import defaults, registry
 from coformer.aggregator import Aggregator
 from coformer.artifacts import save_plan
 from coformer.backbone import Backbone, SubModel
@@ -35,7 +35,7 @@ from coformer.pipeline import (
 from coformer.plan_document import PlanDocumentError, read_plan_document
 from coformer.spec import ConstraintError, Policy, Violation, resolve_devices
 
-DEFAULT_DEVICES = ("jetson-nano", "jetson-tx2", "orin-nano")
+DEFAULT_DEVICES = defaults.DEVICES
 
 
 @dataclass
@@ -96,7 +96,7 @@ def proportional_policy(backbone: Backbone, teacher: Teacher, devices: Sequence[
 
 def calibrate_stage(backbone: Backbone, teacher: Teacher, *, config: BoosterConfig, plan: str | Path | None = None,
                     devices: Sequence[str] | str = DEFAULT_DEVICES, layers: int | None = None,
-                    aggregator_name: str = "mlp_fusion") -> Calibrated:
+                    aggregator_name: str = defaults.AGGREGATOR) -> Calibrated:
     """Calibrate the policy of ``plan`` (a ``coformer plan`` directory) or the proportional default.
 
     A plan deploys exactly the units its search scored (its stored importance); plans without
@@ -148,7 +148,7 @@ def text_or_image_options(backbone: Backbone, load_options: dict[str, Any] | Non
 
 def run_calibrate(*, data: RawDataset, out: str | Path, backbone_name: str | None = None,
                   plan: str | Path | None = None, source: str | None = None,
-                  devices: Sequence[str] | str = DEFAULT_DEVICES, aggregator_name: str = "mlp_fusion",
+                  devices: Sequence[str] | str = DEFAULT_DEVICES, aggregator_name: str = defaults.AGGREGATOR,
                   config: BoosterConfig | None = None, booster_overrides: dict[str, Any] | None = None,
                   max_length: int | None = None, img_size: int | None = None, layers: int | None = None,
                   seed: int = 0, progress: Callable[[str, int, int], None] | None = None) -> Path:
@@ -158,7 +158,7 @@ def run_calibrate(*, data: RawDataset, out: str | Path, backbone_name: str | Non
     writes them); calibration runs on ``data`` (the command defaults it to the plan's ``dataset``).
     """
     doc = searched_plan(plan) if plan is not None else {}
-    backbone_name = backbone_name or doc.get("backbone") or "bert"
+    backbone_name = backbone_name or doc.get("backbone") or defaults.BACKBONE
     source = source or doc.get("source")
     backbone = registry.create("backbone", backbone_name)
     options = text_or_image_options(backbone, None, max_length=max_length or doc.get("max_length"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from coformer import defaults
 from coformer.cli import DATA_HELP, cli, console
 
 
@@ -19,7 +20,7 @@ from coformer.cli import DATA_HELP, cli, console
 @click.option("--source", default=None, help="Same as --teacher (a local checkpoint directory).")
 @click.option("--devices", default="jetson-nano,jetson-tx2,orin-nano", show_default=True,
               help="Devices of the proportional default (ignored with --plan, which fixes them).")
-@click.option("--aggregator", "aggregator_name", default="mlp_fusion", show_default=True)
+@click.option("--aggregator", "aggregator_name", default=defaults.AGGREGATOR, show_default=True)
 @click.option("--epochs", type=int, default=None, help="Calibration epochs per sub-model.")
 @click.option("--max-length", type=int, default=None, help="Tokens per text (default: the plan's, else 64).")
 @click.option("--img-size", type=int, default=56, show_default=True, help="Pixels per side (image backbones).")
@@ -40,7 +41,7 @@ def calibrate_cmd(plan_dir: str | None, data_uri: str | None, teacher_dir: str |
         raise click.UsageError("--layers applies to the proportional default; a --plan already fixes each "
                                "sub-model's layers — pass one or the other")
     doc = searched_plan(plan_dir) if plan_dir else {}
-    name = backbone_name or doc.get("backbone") or "bert"
+    name = backbone_name or doc.get("backbone") or defaults.BACKBONE
     data = choose_dataset(data_uri or doc.get("dataset"), coformer.create_backbone(name).modality)
     out_dir = run_calibrate(data=data, out=out, backbone_name=name, plan=plan_dir, source=teacher_dir or source,
                             devices=devices, aggregator_name=aggregator_name,

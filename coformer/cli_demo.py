@@ -7,11 +7,12 @@ from pathlib import Path
 
 import click
 
+from coformer import defaults
 from coformer.cli import DATA_HELP, cli, console
 
 
 @cli.command("demo")
-@click.option("--backbone", "backbone_name", default="bert", show_default=True,
+@click.option("--backbone", "backbone_name", default=defaults.BACKBONE, show_default=True,
               help="Any registered backbone (`coformer plugins` lists them); without --source, its own default weights.")
 @click.option("--source", default=None, help="Local checkpoint directory instead of the embedded default.")
 @click.option("--plan", "plan_dir", type=click.Path(exists=True, file_okay=False), default=None,
@@ -19,7 +20,7 @@ from coformer.cli import DATA_HELP, cli, console
 @click.option("--data", "data_uri", default=None, help=DATA_HELP)
 @click.option("--devices", default="jetson-nano,jetson-tx2,orin-nano", show_default=True,
               help="Built-in device names or a .toml/.json file of device profiles.")
-@click.option("--aggregator", "aggregator_name", default="mlp_fusion", show_default=True)
+@click.option("--aggregator", "aggregator_name", default=defaults.AGGREGATOR, show_default=True)
 @click.option("--weight-rule", type=click.Choice(["paper", "seed-unweighted", "boost", "seed"]), default=None,
               help="Sample-weight update between sub-models: paper (eq. 13 as written), seed-unweighted, boost; "
                    "'seed' is a deprecated alias of seed-unweighted (default: the backbone's calibration default, "

@@ -18,6 +18,7 @@ import click
 import torch
 from torch import nn
 
+from coformer import defaults
 from coformer.backbone import Backbone
 from coformer.cli import DATA_HELP, cli, console
 from coformer.data import RawDataset, TensorDataset
@@ -112,7 +113,7 @@ def load_predictors(spec: str | None) -> dict[str, Any]:
 
 
 @cli.command("profile")
-@click.option("--backbone", "backbone_name", default="bert", show_default=True)
+@click.option("--backbone", "backbone_name", default=defaults.BACKBONE, show_default=True)
 @click.option("--source", default=None, help="Teacher directory (default: the embedded model; 'tiny' for a test model).")
 @click.option("--device-name", required=True, help="Name this profile (and its predictor) is stored under.")
 @click.option("--cpu-quota", type=float, default=None, help="Measure in a cgroup limited to this many cores (root).")
@@ -186,7 +187,7 @@ def plot_convergence(result: Any, path: Path) -> None:
 
 
 @cli.command("plan")
-@click.option("--backbone", "backbone_name", default="bert", show_default=True)
+@click.option("--backbone", "backbone_name", default=defaults.BACKBONE, show_default=True)
 @click.option("--source", default=None, help="Teacher directory (default: the embedded model).")
 @click.option("--teacher", "teacher_dir", default=None, type=click.Path(exists=True, file_okay=False),
               help="A teacher saved with its task head (Backbone.save); otherwise a linear head is fitted.")
@@ -197,7 +198,7 @@ def plot_convergence(result: Any, path: Path) -> None:
 @click.option("--link-mbps", type=float, default=None, help="Link rate for every device (default: each device's).")
 @click.option("--delta", type=float, default=0.5, show_default=True, help="δ in Ψ = L_val + δ·T (T in ms).")
 @click.option("--trials", type=int, default=30, show_default=True, help="Evaluated (feasible) policies.")
-@click.option("--strategy", default="ax_gp_ei", show_default=True)
+@click.option("--strategy", default=defaults.SEARCH_STRATEGY, show_default=True)
 @click.option("--data", "data_uri", default=None, help=DATA_HELP + " Its validation split is L_val's task.")
 @click.option("--val-docs", type=int, default=64, show_default=True)
 @click.option("--train-docs", type=int, default=160, show_default=True,

@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from coformer import open_transport, registry
+from coformer import defaults, open_transport, registry
 from coformer.artifacts import submodel_artifact
 from coformer.booster import BoosterConfig
 from coformer.calibrate import (
@@ -132,11 +132,11 @@ def _progress(console: Console) -> Progress:
 
 def run_demo(
     *,
-    backbone_name: str = "bert",
+    backbone_name: str = defaults.BACKBONE,
     source: str | None = None,
     plan: str | Path | None = None,
     devices: Sequence[str] | str = DEFAULT_DEVICES,
-    aggregator_name: str = "mlp_fusion",
+    aggregator_name: str = defaults.AGGREGATOR,
     config: BoosterConfig | None = None,
     booster_overrides: dict[str, Any] | None = None,
     out: str | Path = "coformer-demo",

@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 from rich.console import Console
 
-from coformer import open_transport, registry
+from coformer import defaults, open_transport, registry
 from coformer.artifacts import load_plan
 from coformer.bench import BenchConfig, device_count_run, make_sample
 from coformer.data import RawDataset, RawSplit
@@ -37,7 +37,7 @@ DEVICE_SETS: dict[str, str] = {
 class DeviceCountConfig:
     """What to build and how much to measure."""
 
-    backbone: str = "bert"
+    backbone: str = defaults.BACKBONE
     layers: int | None = 2
     seed: int = 0
     rate_mbps: float = 1000.0
