@@ -16,30 +16,19 @@ import torch
 import coformer
 from coformer.artifacts import load_plan, save_plan
 from coformer.booster import BoosterConfig, calibrate, submodel_features, train_aggregator
-from coformer.data import RawDataset, RawSplit
+from coformer.data import RawDataset
 from coformer.decompose import proportional_specs
 from coformer.heads import ClassifierHead, MeanOfLinears, head_input_dim
 from coformer.pipeline import decompose_policy, prepare_teacher
 from coformer.spec import BUILTIN_DEVICES, Policy
+from tiny_split import block_images
 
 CASES = [("distilled", "mean"), ("distilled", "concat"), ("plain", "mean")]
 
 
-def _images(n: int, seed: int) -> RawSplit:
-    """Three classes a linear head separates: bright top, bright bottom, bright left half."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.rand(n, 1, 32, 32, generator=g) * 0.2
-    labels = [i % 3 for i in range(n)]
-    for i, y in enumerate(labels):
-        region = (slice(0, 16), slice(None)) if y == 0 else (slice(16, 32), slice(None)) if y == 1 else \
-            (slice(None), slice(0, 16))
-        x[i, 0][region] += 0.8
-    return RawSplit(x, labels)
-
-
 @pytest.fixture(scope="module")
 def images() -> RawDataset:
-    return RawDataset("blocks", ["top", "bottom", "left"], _images(36, 0), _images(9, 1), _images(12, 2))
+    return RawDataset("blocks", ["top", "bottom", "left"], block_images(36, 0), block_images(9, 1), block_images(12, 2))
 
 
 def _backbone(kind: str, mode: str):

@@ -6,26 +6,15 @@ import pytest
 import torch
 
 import coformer
-from coformer.data import RawDataset, RawSplit
+from coformer.data import RawDataset
 from coformer.heads import ClassifierHead
 from coformer.pipeline import prepare_teacher
-
-
-def _images(n: int, seed: int) -> RawSplit:
-    """Three classes a linear head separates: bright top, bright bottom, bright left half."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.rand(n, 1, 32, 32, generator=g) * 0.2
-    labels = [i % 3 for i in range(n)]
-    for i, y in enumerate(labels):
-        region = (slice(0, 16), slice(None)) if y == 0 else (slice(16, 32), slice(None)) if y == 1 else \
-            (slice(None), slice(0, 16))
-        x[i, 0][region] += 0.8
-    return RawSplit(x, labels)
+from tiny_split import block_images
 
 
 @pytest.fixture(scope="module")
 def images() -> RawDataset:
-    return RawDataset("blocks", ["top", "bottom", "left"], _images(48, 0), _images(12, 1), _images(24, 2))
+    return RawDataset("blocks", ["top", "bottom", "left"], block_images(48, 0), block_images(12, 1), block_images(24, 2))
 
 
 @pytest.mark.parametrize("name", ["vit", "swin"])

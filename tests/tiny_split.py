@@ -1,4 +1,5 @@
-"""One tiny BERT teacher cut into sub-models, for the worker, recovery, fuzz and testbed tests."""
+"""Small shared test inputs: a tiny BERT cut into sub-models (worker, recovery, testbed tests) and
+linearly separable block images (DeiT flow and pipeline tests)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import torch
 
 import coformer
 from coformer.artifacts import submodel_artifact
+from coformer.data import RawSplit
 from coformer.decompose import proportional_specs
 from coformer.heads import StudentHead
 
@@ -27,3 +29,16 @@ def tiny_bert_split(weights: Sequence[float]) -> dict[str, Any]:
                                      embed_dim=head.cfg["in_dim"], task_head=head, student_heads=students).eval()
     return {"backbone": backbone, "teacher": teacher, "batch": batch, "subs": subs,
             "arts": [submodel_artifact(s) for s in subs], "agg": agg, "head": head, "students": students}
+
+
+def block_images(n: int, seed: int) -> RawSplit:
+    """``n`` 32×32 grey images of three classes a linear head separates: bright top, bright bottom,
+    bright left half."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 1, 32, 32, generator=g) * 0.2
+    labels = [i % 3 for i in range(n)]
+    for i, y in enumerate(labels):
+        region = (slice(0, 16), slice(None)) if y == 0 else (slice(16, 32), slice(None)) if y == 1 else \
+            (slice(None), slice(0, 16))
+        x[i, 0][region] += 0.8
+    return RawSplit(x, labels)
