@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from coformer.aggregator import Aggregator
     from coformer.backbone import Backbone
     from coformer.plugins import LoadFailure
-    from coformer.search import SearchStrategy
+    from coformer.offline.search import SearchStrategy
     from coformer.transport import WorkerClient
 
 
@@ -71,7 +71,7 @@ def create_aggregator(name: str, **options: Any) -> Aggregator:
 def create_search_strategy(name: str, **options: Any) -> SearchStrategy:
     """Instantiate the search strategy registered as ``name``."""
     from coformer.registry import create
-    from coformer.search import SearchStrategy
+    from coformer.offline.search import SearchStrategy
 
     strategy: SearchStrategy = create("search", name, expected=SearchStrategy, **options)
     return strategy

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import save_file
 from safetensors.torch import save as st_save
 
-from coformer.admission import (
+from coformer.online.admission import (
     AdmissionError,
     admit,
     build_on_meta,

@@ -89,7 +89,7 @@ class Backbone(ABC):
     name: ClassVar[str] = "backbone"
     #: What ``prepare`` accepts: "text" (list of str) or "image" (float tensor [B, C, H, W]).
     modality: ClassVar[str] = "text"
-    #: :class:`~coformer.booster.BoosterConfig` fields this family calibrates best with (measured
+    #: :class:`~coformer.offline.booster.BoosterConfig` fields this family calibrates best with (measured
     #: by the plugin's author); ``BoosterConfig.for_backbone`` applies them under the caller's own.
     calibration_defaults: ClassVar[dict[str, Any]] = {}
 
@@ -195,7 +195,7 @@ class Backbone(ABC):
         batch: Batch | None = None,
     ) -> list[SubModel]:
         """Assign units disjointly by importance and slice one sub-model per spec."""
-        from coformer.decompose import assign_units
+        from coformer.offline.decompose import assign_units
 
         if importance is None:
             if batch is None:

@@ -40,7 +40,7 @@ def register_aggregators(register: Register) -> None:
 def register_search_strategies(register: Register) -> None:
     """Register decomposition-policy search strategies.
 
-    ``factory(**options)`` returns a :class:`coformer.search.SearchStrategy`.
+    ``factory(**options)`` returns a :class:`coformer.offline.search.SearchStrategy`.
     """
 
 
@@ -80,7 +80,7 @@ def search_trial_started(strategy: str, trial: int, policy: Any) -> None:
 
 @hookspec
 def search_trial_finished(strategy: str, trial: int, policy: Any, result: Any) -> None:
-    """Notification: trial ``trial`` finished; ``result`` is a :class:`coformer.evaluator.Evaluation`."""
+    """Notification: trial ``trial`` finished; ``result`` is a :class:`coformer.offline.evaluator.Evaluation`."""
 
 
 @hookspec

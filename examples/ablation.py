@@ -39,12 +39,12 @@ import torch
 from rich.console import Console
 
 import coformer
-from coformer.booster import WEIGHT_RULES, BoosterConfig, calibrate, submodel_features, train_aggregator
+from coformer.offline.booster import WEIGHT_RULES, BoosterConfig, calibrate, submodel_features, train_aggregator
 from coformer.data import TensorDataset
-from coformer.decompose import proportional_specs
+from coformer.offline.decompose import proportional_specs
 from coformer.heads import head_input_dim
-from coformer.demo import DEFAULT_DEVICES, default_dataset
-from coformer.pipeline import accuracy, decompose_policy, median_latency_ms, prepare_teacher, scatter_logits
+from coformer.experiments.demo import DEFAULT_DEVICES, default_dataset
+from coformer.offline.pipeline import accuracy, decompose_policy, median_latency_ms, prepare_teacher, scatter_logits
 from coformer.spec import Policy, resolve_devices
 
 

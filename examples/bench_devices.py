@@ -5,7 +5,7 @@ same + Raspberry Pi 4B), each built by the demo flow on MiniLM (``bert``) / BBC 
 decomposition, boosting calibration, aggregator training; the test split is read once per plan
 for its accuracy, and nothing is tuned (so no validation-based choice is made). Each plan is then
 timed through in-process workers at one modelled link rate: accuracy, latency, bytes and the
-energy ESTIMATE per row (:mod:`coformer.device_count`).
+energy ESTIMATE per row (:mod:`coformer.experiments.device_count`).
 
     python examples/bench_devices.py --out /tmp/table5            # full: 4 plans, about 2 min each
     python examples/bench_devices.py --out /tmp/table5 --quick    # small data subset, 1 epoch (a test)
@@ -22,8 +22,8 @@ import argparse
 import json
 from pathlib import Path
 
-from coformer.bench import BenchConfig
-from coformer.device_count import DeviceCountConfig, markdown, run_device_count, shrink
+from coformer.experiments.bench import BenchConfig
+from coformer.experiments.device_count import DeviceCountConfig, markdown, run_device_count, shrink
 
 #: --quick: train / val / test examples kept, booster epochs, tokens per text, requests
 QUICK = {"split": (150, 30, 60), "epochs": 1, "max_length": 32, "requests": 3}
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> dict:
     dataset = None
     if args.quick:
         from coformer import registry
-        from coformer.demo import default_dataset
+        from coformer.experiments.demo import default_dataset
 
         dataset = shrink(default_dataset(registry.create("backbone", args.backbone).modality), *QUICK["split"])
         cfg.booster_overrides = {"epochs": QUICK["epochs"]}

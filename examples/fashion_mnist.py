@@ -29,10 +29,10 @@ import torch
 import torch.nn.functional as F
 
 import coformer
-from coformer.booster import (WEIGHT_RULES, BoosterConfig, calibrate, submodel_features, teacher_hard_labels,
+from coformer.offline.booster import (WEIGHT_RULES, BoosterConfig, calibrate, submodel_features, teacher_hard_labels,
                               train_aggregator)
 from coformer.data import RawSplit, TensorDataset, stratified_subset
-from coformer.decompose import proportional_specs
+from coformer.offline.decompose import proportional_specs
 
 DEVICES = {"jetson-nano": 235.8, "jetson-tx2": 665.6, "orin-nano": 640.0}
 

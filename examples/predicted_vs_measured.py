@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from coformer.latency_check import TOLERANCE, compare
+from coformer.offline.latency_check import TOLERANCE, compare
 
 
 def main() -> int:

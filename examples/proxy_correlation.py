@@ -3,7 +3,7 @@
 For ``--policies`` random feasible policies (MiniLM ``bert``, BBC News, the Nano / TX2 / Orin
 Nano devices) this computes
 
-* the probe proxy L_val (``coformer.evaluator``, ``proxy="probe"``): a linear probe on the
+* the probe proxy L_val (``coformer.offline.evaluator``, ``proxy="probe"``): a linear probe on the
   concatenated features of the sliced, uncalibrated sub-models, fitted on ``--probe-docs``
   training documents and scored on ``--val-docs`` validation documents;
 * the seed's proxy (``proxy="uncalibrated"``) on the same documents, for comparison;
@@ -57,8 +57,8 @@ def calibrated_accuracy(backbone: Any, teacher: Any, policy: Any, importance: An
                         train: Any, train_labels: Any, aggregator_name: str) -> float:
     """CoFormer's validation accuracy (%) after calibrating ``policy`` on ``train``."""
     from coformer import registry
-    from coformer.booster import calibrate, submodel_features, train_aggregator
-    from coformer.pipeline import accuracy, decompose_policy
+    from coformer.offline.booster import calibrate, submodel_features, train_aggregator
+    from coformer.offline.pipeline import accuracy, decompose_policy
 
     parts = decompose_policy(backbone, teacher, policy, importance=importance)
     result = calibrate(backbone, teacher.model, parts.submodels, train, config=config, teacher_labels=train_labels,
@@ -98,13 +98,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     import coformer
-    from coformer.booster import BoosterConfig
+    from coformer.offline.booster import BoosterConfig
     from coformer.data import TensorDataset, load_bbc_news
-    from coformer.evaluator import Evaluator
-    from coformer.importance import IMPORTANCE_SAMPLES, shared_importance
-    from coformer.pipeline import prepare_teacher
-    from coformer.profiler import reference_input
-    from coformer.search import PolicyEncoding
+    from coformer.offline.evaluator import Evaluator
+    from coformer.offline.importance import IMPORTANCE_SAMPLES, shared_importance
+    from coformer.offline.pipeline import prepare_teacher
+    from coformer.offline.profiler import reference_input
+    from coformer.offline.search import PolicyEncoding
     from coformer.spec import resolve_devices
 
     started = time.perf_counter()

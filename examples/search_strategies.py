@@ -7,7 +7,7 @@ the best Ψ found by ``--random-n`` random feasible samples (the seed's claim us
 All strategies share one evaluator (cached by policy) on a small validation subset so this
 runs on two cores. L_val is the probe proxy by default (``--proxy probe``: a linear probe on the
 sliced sub-models' features, fitted on ``--train-docs`` training documents; see
-``coformer.evaluator``), or the seed's uncalibrated-slice CE (``--proxy uncalibrated``). The probe
+``coformer.offline.evaluator``), or the seed's uncalibrated-slice CE (``--proxy uncalibrated``). The probe
 costs seconds per policy, too much for 1,000 random evaluations on two cores: the issue's
 fallback is random search with 5x GP-EI's budget (``--random-n 250`` for ``--trials 50``); the
 JSON says which comparison ran. Example::
@@ -45,9 +45,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     import coformer
-    from coformer.cli_plan import training_subset, validation_task
-    from coformer.evaluator import Evaluator
-    from coformer.profiler import reference_input
+    from coformer.cli.plan import training_subset, validation_task
+    from coformer.offline.evaluator import Evaluator
+    from coformer.offline.profiler import reference_input
     from coformer.spec import resolve_devices
 
     backbone = coformer.create_backbone("bert")

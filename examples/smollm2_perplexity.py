@@ -1,7 +1,7 @@
 """Decompose SmolLM2-135M-Instruct into 3 device-sized sub-models and report next-token perplexity.
 
 Sizes are proportional to the seed paper's devices (Jetson Nano 235.8, Jetson TX2 665.6, Orin
-Nano 640 GFLOPS) via :func:`coformer.decompose.proportional_specs`; units are assigned by
+Nano 640 GFLOPS) via :func:`coformer.offline.decompose.proportional_specs`; units are assigned by
 importance measured on a calibration batch of real BBC News text (training split). Perplexity
 is measured on fixed BBC News test articles, for the teacher and for each sub-model *before*
 calibration (no distillation): it shows how much each slice keeps on its own.
@@ -20,7 +20,7 @@ import time
 import torch
 
 import coformer
-from coformer.decompose import proportional_specs
+from coformer.offline.decompose import proportional_specs
 from coformer.measure import count_flops, count_params
 
 DEVICE_GFLOPS = {"jetson-nano": 235.8, "jetson-tx2": 665.6, "orin-nano": 640.0}

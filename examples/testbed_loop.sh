@@ -31,7 +31,7 @@ STATE="$OUT/profile-testbed.json"
 
 cf() { "$PY" -m coformer "$@"; }
 
-reason=$("$PY" -c 'from coformer.testbed import unavailable_reason as r; print(r() or "")')
+reason=$("$PY" -c 'from coformer.experiments.testbed import unavailable_reason as r; print(r() or "")')
 if [[ -n "$reason" ]]; then
   echo "testbed unavailable: $reason" >&2
   exit 2

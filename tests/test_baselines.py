@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import coformer
-from coformer.baselines import (
+from coformer.experiments.baselines import (
     PipelineSplit,
     TeacherAlone,
     TensorParallelSplit,

@@ -12,10 +12,10 @@ from click.testing import CliRunner
 
 import coformer
 from coformer.artifacts import load_plan, save_plan
-from coformer.bench import BenchConfig, BenchSetup, make_sample, percentile, run_bench, write_outputs
+from coformer.experiments.bench import BenchConfig, BenchSetup, make_sample, percentile, run_bench, write_outputs
 from coformer.data import TensorDataset
-from coformer.decompose import proportional_specs
-from coformer.pipeline import teacher_record
+from coformer.offline.decompose import proportional_specs
+from coformer.offline.pipeline import teacher_record
 from coformer.spec import BUILTIN_DEVICES
 
 DEVICE_NAMES = ("jetson-nano", "jetson-tx2", "orin-nano")
@@ -149,7 +149,7 @@ def test_bench_skips_the_baselines_a_backbone_cannot_run_and_says_why(tmp_path: 
 
 
 def test_runtime_cost_is_the_critical_exchange_split_into_serialisation_and_rpc() -> None:
-    from coformer.baselines import Exchange, Trace
+    from coformer.experiments.baselines import Exchange, Trace
 
     x = {"input_ids": torch.zeros(1, 4, dtype=torch.long)}
     # round 1: b's round trip is the longest, so the request waited for b (not for a's longer compute)
@@ -204,7 +204,7 @@ def test_bench_cli_with_inproc_workers(tiny: dict[str, Any], tmp_path: Path) -> 
 
 
 def test_requests_are_timed_with_the_coordinator_thread_count(tiny: dict[str, Any], monkeypatch) -> None:
-    import coformer.bench as bench
+    import coformer.experiments.bench as bench
 
     seen: list[int] = []
     real = bench._measure

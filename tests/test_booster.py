@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import coformer
-from coformer.booster import (
+from coformer.offline.booster import (
     BoosterConfig,
     CheckpointMismatchError,
     calibrate,
@@ -17,7 +17,7 @@ from coformer.booster import (
     update_weights,
 )
 from coformer.data import TensorDataset
-from coformer.decompose import proportional_specs
+from coformer.offline.decompose import proportional_specs
 
 M = 32
 

@@ -14,13 +14,13 @@ from rich.console import Console
 
 import coformer
 from coformer.artifacts import load_plan
-from coformer.bench import accuracy_of, teacher_logits
-from coformer.booster import BoosterConfig
+from coformer.experiments.bench import accuracy_of, teacher_logits
+from coformer.offline.booster import BoosterConfig
 from coformer.cli import build_cli
-from coformer.compressed import COMPRESSED_DIR, strongest_device
+from coformer.offline.compressed import COMPRESSED_DIR, strongest_device
 from coformer.data import RawDataset, RawSplit, load_bbc_news
-from coformer.demo import default_dataset, run_demo
-from coformer.pipeline import encode, prepare_teacher, teacher_sha256
+from coformer.experiments.demo import default_dataset, run_demo
+from coformer.offline.pipeline import encode, prepare_teacher, teacher_sha256
 from coformer.spec import resolve_devices
 
 ACCURACY_DOCS = 60
@@ -153,7 +153,7 @@ def test_bench_measures_coformer_and_compressed_through_the_runtime(demo: dict[s
 
 def test_a_searched_policy_gets_a_compressed_model_from_the_same_search_with_one_device(
         demo: dict[str, Any], tmp_path: Path) -> None:
-    from coformer.compressed import compressed_policy, search_settings
+    from coformer.offline.compressed import compressed_policy, search_settings
 
     record = load_plan(demo["root"] / "plan").meta["teacher"]
     backbone = demo["backbone"]

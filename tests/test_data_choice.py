@@ -14,7 +14,7 @@ import pytest
 import coformer
 from coformer import hookimpl
 from coformer.data import DatasetOptionError, DatasetSource, LabelledExamples
-from coformer.data_choice import choose_dataset, default_data_name
+from coformer.offline.data_choice import choose_dataset, default_data_name
 from coformer_datasets.fashion_mnist import fashion_mnist_dir, read_idx
 
 
@@ -71,7 +71,7 @@ def test_read_idx_round_trip(tmp_path: Path) -> None:
 @pytest.mark.skipif(not (fashion_mnist_dir() / "t10k-labels-idx1-ubyte.gz").is_file(),
                     reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
 def test_image_demo_uses_a_fixed_stratified_subset() -> None:
-    from coformer.demo import DEMO_IMAGE_SPLIT, default_dataset
+    from coformer.experiments.demo import DEMO_IMAGE_SPLIT, default_dataset
 
     data = default_dataset("image")
     assert (len(data.train.labels), len(data.val.labels), len(data.test.labels)) == DEMO_IMAGE_SPLIT

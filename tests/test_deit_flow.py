@@ -15,11 +15,11 @@ import torch
 
 import coformer
 from coformer.artifacts import load_plan, save_plan
-from coformer.booster import BoosterConfig, calibrate, submodel_features, train_aggregator
+from coformer.offline.booster import BoosterConfig, calibrate, submodel_features, train_aggregator
 from coformer.data import RawDataset
-from coformer.decompose import proportional_specs
+from coformer.offline.decompose import proportional_specs
 from coformer.heads import ClassifierHead, MeanOfLinears, head_input_dim
-from coformer.pipeline import decompose_policy, prepare_teacher
+from coformer.offline.pipeline import decompose_policy, prepare_teacher
 from coformer.spec import BUILTIN_DEVICES, Policy
 from tiny_split import block_images
 
@@ -118,7 +118,7 @@ def test_evaluator_scores_distilled_deit_policies_in_both_modes(mode: str):
     """L_val scatters a sub-model's features into the head's input, block by block in concat mode
     (the seed scattered 2·d_n values into d_n channels: a shape error)."""
     from coformer.data import TensorDataset
-    from coformer.evaluator import Evaluator
+    from coformer.offline.evaluator import Evaluator
 
     backbone = _backbone("distilled", mode)
     model = backbone.tiny(num_labels=3, seed=0)

@@ -9,9 +9,9 @@ from rich.console import Console
 import coformer
 from coformer import hookimpl
 from coformer.artifacts import load_plan
-from coformer.booster import BoosterConfig
+from coformer.offline.booster import BoosterConfig
 from coformer.data import RawSplit, load_bbc_news
-from coformer.demo import load_policy, render, run_demo
+from coformer.experiments.demo import load_policy, render, run_demo
 from coformer.plan_document import write_plan_document
 from coformer.spec import ConstraintError, Policy, SubModelSpec, resolve_devices
 

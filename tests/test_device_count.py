@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from coformer.data import RawDataset, RawSplit
-from coformer.device_count import DEVICE_SETS, shrink
+from coformer.experiments.device_count import DEVICE_SETS, shrink
 
 ROOT = Path(__file__).resolve().parents[1]
 

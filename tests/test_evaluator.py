@@ -8,9 +8,9 @@ from torch import nn
 
 import coformer
 from coformer.data import TensorDataset
-from coformer.evaluator import Evaluator, Topology
+from coformer.offline.evaluator import Evaluator, Topology
 from coformer.heads import ClassifierHead
-from coformer.pipeline import fit_head
+from coformer.offline.pipeline import fit_head
 from coformer.transport import encode_batch
 from coformer.spec import DeviceProfile, Policy, SubModelSpec
 

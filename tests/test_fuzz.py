@@ -16,7 +16,7 @@ import torch
 
 import coformer
 from coformer.artifacts import submodel_artifact
-from coformer.decompose import proportional_specs
+from coformer.offline.decompose import proportional_specs
 from coformer_transports.fuzz import PHASES, WorkerFuzzer
 from coformer_transports.grpc_transport import GrpcClient
 from coformer_transports.worker_process import rss_bytes, start_worker, stop_worker

@@ -10,11 +10,11 @@ import torch
 
 import coformer
 from coformer import hookimpl
-from coformer.booster import BoosterConfig, calibrate
+from coformer.offline.booster import BoosterConfig, calibrate
 from coformer.data import DatasetSource, LabelledExamples, TensorDataset
-from coformer.decompose import proportional_specs
-from coformer.evaluator import Evaluator
-from coformer.search import SearchStrategy
+from coformer.offline.decompose import proportional_specs
+from coformer.offline.evaluator import Evaluator
+from coformer.offline.search import SearchStrategy
 from coformer.spec import DeviceProfile
 from coformer_backbones.bert import BertBackbone
 from coformer_transports.inprocess import InProcessClient
@@ -163,7 +163,7 @@ def test_every_hook_of_a_runtime_plugin_is_used(recorder):
 
     # transport by scheme + aggregator from the same plugin, through the runtime
     from coformer.artifacts import submodel_artifact
-    from coformer.runtime import Coordinator
+    from coformer.online.runtime import Coordinator
 
     agg = coformer.create_aggregator("first_present", feature_dims=[m.feature_dim for m in subs],
                                      embed_dim=32, task_head=backbone.task_head(teacher),

@@ -18,7 +18,7 @@ from torch import Tensor
 
 import coformer
 from coformer.artifacts import submodel_artifact
-from coformer.decompose import proportional_specs
+from coformer.offline.decompose import proportional_specs
 from coformer.measure import count_params, measure_cost
 from coformer.spec import ModelShape, UnitSelection
 from coformer_backbones._hf_common import HFTeacher, pool

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 import coformer
-from coformer.evaluator import Evaluator, Topology
-from coformer.latency_check import compare, predicted_T_ms
+from coformer.offline.evaluator import Evaluator, Topology
+from coformer.offline.latency_check import compare, predicted_T_ms
 from coformer.spec import DeviceProfile, Policy, SubModelSpec
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,7 +8,7 @@ import torch
 import coformer
 from coformer.data import RawDataset
 from coformer.heads import ClassifierHead
-from coformer.pipeline import prepare_teacher
+from coformer.offline.pipeline import prepare_teacher
 from tiny_split import block_images
 
 

@@ -317,7 +317,7 @@ def _start_worker(scheme: str, request: pytest.FixtureRequest) -> str:
 @pytest.fixture(scope="module")
 def tiny_submodels():
     from coformer.artifacts import submodel_artifact
-    from coformer.decompose import proportional_specs
+    from coformer.offline.decompose import proportional_specs
 
     torch.manual_seed(0)
     backbone = coformer.create_backbone("bert")

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 import coformer
-from coformer.predictor import FlopsBaseline, LatencyPredictor, errors, split_records, train_and_score
-from coformer.profiler import profile_local, sample_shapes
+from coformer.offline.predictor import FlopsBaseline, LatencyPredictor, errors, split_records, train_and_score
+from coformer.offline.profiler import profile_local, sample_shapes
 from coformer.spec import SubModelSpec
 
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import coformer
-from coformer import profiler
-from coformer.profiler import (
+from coformer.offline import profiler
+from coformer.offline.profiler import (
     CgroupUnavailableError,
     Profile,
     first_k_selection,
@@ -118,7 +118,7 @@ def test_profile_command_times_the_input_plans_are_costed_on(tiny, tmp_path: Pat
     from click.testing import CliRunner
 
     from coformer.cli import build_cli
-    from coformer.profiler import reference_input
+    from coformer.offline.profiler import reference_input
 
     backbone, teacher = tiny
     out = tmp_path / "dev.json"

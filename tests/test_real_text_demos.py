@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from coformer.booster import BoosterConfig
+from coformer.offline.booster import BoosterConfig
 from coformer.data import RawSplit, load_bbc_news
-from coformer.demo import run_demo
+from coformer.experiments.demo import run_demo
 from coformer_backbones import mpnet_assets
 
 

@@ -11,9 +11,9 @@ import torch
 import coformer
 from coformer.aggregator import MissingFeaturesError
 from coformer.artifacts import ArtifactError, load_plan, save_plan, submodel_artifact
-from coformer.decompose import proportional_specs
+from coformer.offline.decompose import proportional_specs
 from coformer.heads import StudentHead
-from coformer.runtime import Coordinator, WorkerState
+from coformer.online.runtime import Coordinator, WorkerState
 from coformer.transport import BadRequestError, decode_features, encode_features
 from coformer_transports import inprocess
 

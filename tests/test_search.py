@@ -9,9 +9,9 @@ import torch
 
 import coformer
 from coformer.data import TensorDataset
-from coformer.evaluator import Evaluator
+from coformer.offline.evaluator import Evaluator
 from coformer.hookspecs import hookimpl
-from coformer.search import PolicyEncoding
+from coformer.offline.search import PolicyEncoding
 from coformer.spec import BUILTIN_DEVICES, DeviceProfile, check_structure, validate
 
 STRATEGIES = [p.name for p in coformer.list_plugins("search")]

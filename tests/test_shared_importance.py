@@ -9,10 +9,10 @@ import torch
 
 import coformer
 from coformer.data import TensorDataset
-from coformer.demo import load_plan_importance
-from coformer.evaluator import Evaluator
-from coformer.importance import content_hash, importance_record, plan_importance, shared_importance
-from coformer.pipeline import Teacher, decompose_policy
+from coformer.experiments.demo import load_plan_importance
+from coformer.offline.evaluator import Evaluator
+from coformer.offline.importance import content_hash, importance_record, plan_importance, shared_importance
+from coformer.offline.pipeline import Teacher, decompose_policy
 from coformer.plan_document import write_plan_document
 from coformer.spec import DeviceProfile, Policy, SubModelSpec
 
@@ -75,8 +75,8 @@ def test_coformer_plan_stores_the_importance_topology_and_proxy_it_searched_with
     from click.testing import CliRunner
 
     from coformer.cli import build_cli
-    from coformer.cli_plan import training_subset
-    from coformer.importance import IMPORTANCE_SAMPLES
+    from coformer.cli.plan import training_subset
+    from coformer.offline.importance import IMPORTANCE_SAMPLES
 
     out = tmp_path / "planned"
     res = CliRunner().invoke(build_cli(), ["plan", "--strategy", "random", "--trials", "2", "--val-docs", "8",

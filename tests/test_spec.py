@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from coformer.decompose import deal, proportional_specs
+from coformer.offline.decompose import deal, proportional_specs
 from coformer.spec import (
     BUILTIN_DEVICES,
     ConstraintError,

@@ -7,9 +7,9 @@ from typing import Any
 import pytest
 
 import coformer
-from coformer.cli_plan import validation_task
+from coformer.cli.plan import validation_task
 from coformer.data import SPLIT_SEED, load_bbc_news
-from coformer.demo import default_dataset
+from coformer.experiments.demo import default_dataset
 
 
 @pytest.mark.parametrize("seed", [0, 1, 7, 123])

@@ -14,10 +14,10 @@ from rich.console import Console
 
 import coformer
 from coformer.artifacts import load_plan
-from coformer.booster import BoosterConfig
+from coformer.offline.booster import BoosterConfig
 from coformer.cli import build_cli
-from coformer.demo import run_demo
-from coformer.pipeline import accuracy, encode
+from coformer.experiments.demo import run_demo
+from coformer.offline.pipeline import accuracy, encode
 from coformer.plan_document import PlanDocumentError
 from coformer.spec import Policy
 
@@ -128,7 +128,7 @@ def test_demo_runs_on_a_csv_and_records_its_uri(flow: Any) -> None:
 
 
 def test_profile_measures_on_the_chosen_data_sets_first_validation_example(flow: Any) -> None:
-    from coformer.profiler import reference_input
+    from coformer.offline.profiler import reference_input
 
     backbone = coformer.create_backbone("bert")
     teacher = backbone.load(flow["ckpt"], max_length=16).eval()

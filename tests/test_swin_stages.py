@@ -15,10 +15,10 @@ import torch
 import coformer
 from coformer.backbone import UnitImportance
 from coformer.data import TensorDataset
-from coformer.decompose import assign_units, layer_maps, proportional_specs, top_layers
-from coformer.evaluator import Evaluator
+from coformer.offline.decompose import assign_units, layer_maps, proportional_specs, top_layers
+from coformer.offline.evaluator import Evaluator
 from coformer.measure import count_flops, count_params
-from coformer.search import PolicyEncoding
+from coformer.offline.search import PolicyEncoding
 from coformer.spec import DeviceProfile, SubModelSpec, check_structure
 
 DEVICES = tuple(DeviceProfile(n, memory_gb=8, gflops=500.0, power_w=5) for n in ("a", "b", "c"))

@@ -15,9 +15,9 @@ import torch
 from click.testing import CliRunner
 
 import coformer
-from coformer.runtime import Coordinator
+from coformer.online.runtime import Coordinator
 from coformer.spec import BUILTIN_DEVICES
-from coformer.testbed import (
+from coformer.experiments.testbed import (
     CFS_PERIOD_US,
     Testbed,
     TestbedError,
@@ -40,7 +40,7 @@ pytestmark = pytest.mark.timeout(240)
 
 DEVICES = ["jetson-tx2", "jetson-nano"]
 RATES = ["2mbit", "1000mbit"]
-TBF_BURST_BYTES = 16 * 1024  # the testbed's tbf burst at 2 Mbit/s (coformer.testbed._tbf: at least 16 KiB)
+TBF_BURST_BYTES = 16 * 1024  # the testbed's tbf burst at 2 Mbit/s (coformer.experiments.testbed._tbf: at least 16 KiB)
 
 
 def _sh(*cmd: str) -> str:
@@ -157,7 +157,7 @@ def test_workers_answer_over_shaped_links_and_2mbit_is_slower(bed: Testbed, tiny
 def test_profile_through_a_testbed_worker_trains_its_predictor(bed: Testbed, tmp_path: Path) -> None:
     """Step 1 of examples/testbed_loop.sh: a device is profiled by its worker, inside its namespace and quota."""
     from coformer.cli import build_cli
-    from coformer.predictor import LatencyPredictor
+    from coformer.offline.predictor import LatencyPredictor
 
     w = bed.workers[1]
     out = tmp_path / f"{w.device}.json"

@@ -10,7 +10,7 @@ import torch
 import coformer
 from coformer.artifacts import submodel_artifact
 from coformer.data import RawSplit
-from coformer.decompose import proportional_specs
+from coformer.offline.decompose import proportional_specs
 from coformer.heads import StudentHead
 
 

@@ -63,7 +63,7 @@ def require_student_heads(name: str, student_heads: Sequence[StudentHead] | None
     if student_heads is None:
         raise ValueError(
             f"aggregator {name!r} combines each sub-model's own predictions and needs `student_heads` "
-            f"(one StudentHead per sub-model, produced by calibration: coformer.booster.calibrate)")
+            f"(one StudentHead per sub-model, produced by calibration: coformer.offline.booster.calibrate)")
     if len(student_heads) != len(feature_dims):
         raise ValueError(f"aggregator {name!r}: got {len(student_heads)} student heads for "
                          f"{len(feature_dims)} sub-models; pass one per sub-model")

@@ -1,6 +1,6 @@
 """Pipeline stages and tensor-parallel shards for every backbone family, written once.
 
-The baselines CoFormer is compared with (:mod:`coformer.baselines`) need, from a backbone, the
+The baselines CoFormer is compared with (:mod:`coformer.experiments.baselines`) need, from a backbone, the
 teacher's consecutive layers as a *pipeline stage* and, per layer, a subset of heads and MLP
 neurons as a *tensor shard* whose outputs add up to the layer's projections. Both are built here
 from the family's own sliced sub-model (``backbone.slice``), so a family only has to let its

@@ -14,7 +14,7 @@ What it actually uses (Ax 1.3): a generation strategy built by
   analytic EI constructor rejects pending points.
 
 Ax minimises Ψ (objective ``-psi``). Parameters are those of
-:class:`~coformer.search.PolicyEncoding`; proposals breaking C5/C6 are marked *abandoned* in
+:class:`~coformer.offline.search.PolicyEncoding`; proposals breaking C5/C6 are marked *abandoned* in
 Ax without any model evaluation, so the GP never sees a made-up value. When the GP cannot be
 fitted (BoTorch's ``ModelFittingError``, a numerical failure seen on flat Ψ landscapes), that
 trial is proposed at random instead and attached to Ax, so the search continues; the indices
@@ -28,7 +28,7 @@ import random
 from typing import Any, Callable
 
 from coformer.hookspecs import Register, hookimpl
-from coformer.search import SearchResult, SearchStrategy, TrialRecord
+from coformer.offline.search import SearchResult, SearchStrategy, TrialRecord
 
 
 def _quiet_ax() -> None:

@@ -1,6 +1,6 @@
 """``random``: feasible random sampling of per-sub-model shapes.
 
-Each proposal draws every parameter of the shared :class:`~coformer.search.PolicyEncoding`
+Each proposal draws every parameter of the shared :class:`~coformer.offline.search.PolicyEncoding`
 uniformly; C1–C4 hold by construction, and a draw that breaks C5/C6 is recorded as
 infeasible (never evaluated) and another is drawn, until ``trials`` policies were evaluated
 or ``max_proposals_factor × trials`` draws were made.
@@ -12,7 +12,7 @@ import random
 from typing import Any, Callable
 
 from coformer.hookspecs import Register, hookimpl
-from coformer.search import SearchResult, SearchStrategy, TrialRecord
+from coformer.offline.search import SearchResult, SearchStrategy, TrialRecord
 
 
 class RandomSearch(SearchStrategy):

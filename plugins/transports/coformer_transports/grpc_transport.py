@@ -1,7 +1,7 @@
 """``grpc://host:port``: workers on other machines (or network namespaces), over gRPC.
 
 Server side: :class:`WorkerServer` wraps a transport-independent
-:class:`~coformer.runtime.WorkerState` in a thread-pool gRPC server (``coformer worker``).
+:class:`~coformer.online.runtime.WorkerState` in a thread-pool gRPC server (``coformer worker``).
 Client side: :class:`GrpcClient`, registered for the ``grpc`` scheme.
 
 Security: TLS (server ``tls_cert``/``tls_key``; client ``?tls=1&ca=PATH`` in the URI or the
@@ -40,7 +40,7 @@ import grpc
 import torch
 from google.protobuf.message import Message
 
-from coformer.admission import (
+from coformer.online.admission import (
     MAX_HEADER_BYTES,
     AdmissionError,
     LoadCancelledError,
@@ -53,7 +53,7 @@ from coformer.admission import (
 from coformer.backbone import Batch
 from coformer.hookspecs import Register, hookimpl
 from coformer.limits import RequestLimits, RequestTooLargeError
-from coformer.runtime import WorkerState
+from coformer.online.runtime import WorkerState
 from coformer.transport import (
     BadRequestError,
     InferResult,

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from coformer.profiler import ProfileRecord
+from coformer.offline.profiler import ProfileRecord
 from coformer.spec import SubModelSpec
 
 HIDDEN = 600
@@ -132,7 +132,7 @@ class LatencyPredictor(nn.Module):
         meta_file = Path(f"{base}.json")
         if not meta_file.exists():
             raise FileNotFoundError(f"{meta_file} not found: not a saved latency predictor "
-                                    f"(train one with coformer.predictor.LatencyPredictor.fit and .save)")
+                                    f"(train one with coformer.offline.predictor.LatencyPredictor.fit and .save)")
         doc = json.loads(meta_file.read_text())
         if doc.get("kind") != "coformer-latency-predictor":
             raise ValueError(f"{meta_file} is not a latency predictor (kind={doc.get('kind')!r})")

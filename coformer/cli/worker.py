@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 import click
 
-from coformer.cli import cli, console
+from coformer.cli.app import cli, console
 
 
 def _load_input(plan: Any, input_file: str | None, texts: Sequence[str]) -> dict[str, Any]:
@@ -123,7 +123,7 @@ def infer_cmd(plan_dir: str, workers: str, input_file: str | None, texts: tuple[
               deadline: float, max_inflight: int, retries: int, as_json: bool) -> None:
     """Deploy a plan to workers and answer requests, with the t1/t2/t3 breakdown per device."""
     from coformer.artifacts import ArtifactError, load_plan
-    from coformer.runtime import Coordinator, RecoveryPolicy
+    from coformer.online.runtime import Coordinator, RecoveryPolicy
 
     try:
         plan = load_plan(plan_dir)
@@ -211,7 +211,7 @@ _STATE_OPT = click.option("--state", "state_file", type=click.Path(dir_okay=Fals
 def testbed_up(devices: str, rates: str, cores: float, port: int, prefix: str, subnet: int, token: str | None,
                state_file: str) -> None:
     """Create the namespaces, shaped veth links, cgroups and workers; print their URIs."""
-    from coformer.testbed import TestbedError, up
+    from coformer.experiments.testbed import TestbedError, up
 
     try:
         bed = up([d.strip() for d in devices.split(",")], [r.strip() for r in rates.split(",")], prefix=prefix,
@@ -228,7 +228,7 @@ def testbed_up(devices: str, rates: str, cores: float, port: int, prefix: str, s
 @_STATE_OPT
 def testbed_down(state_file: str) -> None:
     """Stop the workers and remove every namespace, link, qdisc and cgroup `up` created."""
-    from coformer.testbed import TestbedError, down
+    from coformer.experiments.testbed import TestbedError, down
 
     try:
         down(state_file)
@@ -241,7 +241,7 @@ def testbed_down(state_file: str) -> None:
 @_STATE_OPT
 def testbed_status(state_file: str) -> None:
     """Each worker's device, link, CPU quota, process and health."""
-    from coformer.testbed import TestbedError, status
+    from coformer.experiments.testbed import TestbedError, status
 
     try:
         rows = status(state_file)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from coformer import defaults
-from coformer.cli import DATA_HELP, cli, console
+from coformer.cli.app import DATA_HELP, cli, console
 
 
 @cli.command("calibrate")
@@ -32,8 +32,8 @@ def calibrate_cmd(plan_dir: str | None, data_uri: str | None, teacher_dir: str |
                   max_length: int | None, img_size: int, layers: int | None, seed: int, out: str) -> None:
     """Decompose the policy, calibrate the sub-models, train the aggregator; write a deployable plan directory."""
     import coformer
-    from coformer.calibrate import run_calibrate, searched_plan
-    from coformer.data_choice import choose_dataset
+    from coformer.offline.calibrate import run_calibrate, searched_plan
+    from coformer.offline.data_choice import choose_dataset
 
     if teacher_dir and source and teacher_dir != source:
         raise click.UsageError("--teacher and --source both name the teacher; give one")

@@ -20,11 +20,11 @@ from torch import nn
 
 from coformer import defaults
 from coformer.backbone import Backbone
-from coformer.cli import DATA_HELP, cli, console
+from coformer.cli.app import DATA_HELP, cli, console
 from coformer.data import RawDataset, TensorDataset
-from coformer.data_choice import choose_dataset
+from coformer.offline.data_choice import choose_dataset
 from coformer.heads import ClassifierHead
-from coformer.profiler import reference_input
+from coformer.offline.profiler import reference_input
 
 
 def _subset(examples: Sequence[Any], labels: Sequence[int], n: int, seed: int) -> tuple[list, list[int]]:
@@ -84,7 +84,7 @@ def validation_task(backbone: Backbone, teacher: nn.Module, *, val_docs: int = 6
 
 def parse_topology(text: str) -> Any:
     """``coordinator`` or ``device:INDEX`` (the central node is the device at that index of --devices)."""
-    from coformer.evaluator import Topology
+    from coformer.offline.evaluator import Topology
 
     if text == "coordinator":
         return Topology()
@@ -98,7 +98,7 @@ def parse_topology(text: str) -> Any:
 
 def load_predictors(spec: str | None) -> dict[str, Any]:
     """``--predictors DIR``: every ``*.json`` latency predictor in DIR, keyed by its device name."""
-    from coformer.predictor import LatencyPredictor
+    from coformer.offline.predictor import LatencyPredictor
 
     if not spec:
         return {}
@@ -136,8 +136,8 @@ def profile_cmd(backbone_name: str, source: str | None, device_name: str, cpu_qu
                 train: bool, max_length: int, data_uri: str | None, seed: int, out: str) -> None:
     """Measure the latency of a pool of sub-model shapes on one device; optionally train its predictor."""
     import coformer
-    from coformer.predictor import train_and_score
-    from coformer.profiler import (load_teacher, profile_cpu_quota, profile_local, profile_remote,
+    from coformer.offline.predictor import train_and_score
+    from coformer.offline.profiler import (load_teacher, profile_cpu_quota, profile_local, profile_remote,
                                    sample_shapes)
 
     if cpu_quota is not None and worker_uri is not None:
@@ -219,8 +219,8 @@ def plan_cmd(backbone_name: str, source: str | None, teacher_dir: str | None, de
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     import coformer
-    from coformer.evaluator import Evaluator
-    from coformer.importance import IMPORTANCE_SAMPLES, importance_record
+    from coformer.offline.evaluator import Evaluator
+    from coformer.offline.importance import IMPORTANCE_SAMPLES, importance_record
     from coformer.plan_document import SEARCHED, write_plan_document
     from coformer.spec import resolve_devices
 

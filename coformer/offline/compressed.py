@@ -6,7 +6,7 @@ What a user would pick instead of CoFormer, so it gets the same care as CoFormer
   proportional sizing rule (with the same ``--layers``) for a proportional policy, or the same
   search strategy, δ, link rate, trial count and validation size for a ``coformer plan`` policy;
 * it is calibrated with the same booster settings and epochs, and its head/aggregator is
-  trained the same way (:func:`coformer.demo.calibrate_policy` does both);
+  trained the same way (:func:`coformer.experiments.demo.calibrate_policy` does both);
 * it is packaged as a one-sub-model plan directory ``<plan dir>/compressed/`` next to the plan,
   which ``coformer bench`` deploys alone on the strongest device's worker.
 """
@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from coformer.backbone import Backbone
-from coformer.decompose import proportional_specs
-from coformer.pipeline import Teacher
+from coformer.offline.decompose import proportional_specs
+from coformer.offline.pipeline import Teacher
 from coformer.spec import DeviceProfile, Policy
 
 #: Where the compressed plan sits inside a plan directory.
@@ -59,8 +59,8 @@ def compressed_policy(backbone: Backbone, teacher: Teacher, devices: Sequence[De
         note = "compressed: proportional rule, N = 1" + (f", {layers} layers" if layers else "")
         return Policy(specs, [device], {"source": note})
     import coformer
-    from coformer.evaluator import Evaluator
-    from coformer.profiler import reference_input
+    from coformer.offline.evaluator import Evaluator
+    from coformer.offline.profiler import reference_input
 
     val = teacher.val
     if search.get("val_docs"):

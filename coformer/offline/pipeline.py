@@ -258,8 +258,8 @@ class Decomposition:
 
 def calibration_importance(backbone: Backbone, teacher: Teacher, calib_size: int = 32) -> Any:
     """The shared unit importance of the teacher on the first ``calib_size`` training examples
-    (:func:`coformer.importance.shared_importance`: computed once, cached by content hash)."""
-    from coformer.importance import shared_importance
+    (:func:`coformer.offline.importance.shared_importance`: computed once, cached by content hash)."""
+    from coformer.offline.importance import shared_importance
 
     calib = teacher.train.batch(range(min(calib_size, len(teacher.train))))
     importance, _ = shared_importance(backbone, teacher.model, calib)
@@ -270,7 +270,7 @@ def decompose_policy(backbone: Backbone, teacher: Teacher, policy: Any, *, calib
                      importance: Any = None) -> Decomposition:
     """Check C1–C4 (per teacher layer the specs will run on), score units on a calibration batch
     (or take ``importance``), slice, then check C5/C6 on the real modules."""
-    from coformer.decompose import assign_units, layer_maps
+    from coformer.offline.decompose import assign_units, layer_maps
     from coformer.measure import measure_cost
     from coformer.spec import validate
 

@@ -34,7 +34,7 @@ from torch import nn
 from coformer.backbone import Backbone, Batch
 from coformer.data import RawDataset
 from coformer.spec import ModelShape, SubModelSpec, UnitSelection
-from coformer.testbed import cfs_limit
+from coformer.experiments.testbed import cfs_limit
 
 CGROUP_CPU = Path("/sys/fs/cgroup/cpu")
 
@@ -291,7 +291,7 @@ def profile_cpu_quota(backbone_name: str, source: str | None, specs: Sequence[Su
                 "backbone": backbone_name, "source": source, "specs": [s.to_dict() for s in specs],
                 "device": device, "threads": threads_for_quota(quota), "warmup": warmup, "repeats": repeats,
                 "statistic": statistic, "cgroup_tasks": str(group / "tasks"), "out": str(out), "progress": progress}))
-            proc = subprocess.run([sys.executable, "-m", "coformer.profiler", str(job)])
+            proc = subprocess.run([sys.executable, "-m", "coformer.offline.profiler", str(job)])
             if proc.returncode != 0 or not out.exists():
                 raise RuntimeError(f"the quota-limited profiling child failed (exit {proc.returncode})")
             profile = Profile.load(out)
@@ -314,7 +314,7 @@ def reference_input(backbone: Backbone, teacher: nn.Module, data: RawDataset | N
     modality's default data set's, for others the backbone's example batch.
     """
     if data is None and backbone.modality == "text":
-        from coformer.data_choice import choose_dataset
+        from coformer.offline.data_choice import choose_dataset
 
         data = choose_dataset(None, backbone.modality)
     if data is not None:

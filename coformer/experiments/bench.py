@@ -1,6 +1,6 @@
 """``coformer bench``: teacher, CoFormer, compressed, pipeline and tensor-parallel side by side, per link rate.
 
-Every method runs over the same workers and transport (:mod:`coformer.baselines`). Per method
+Every method runs over the same workers and transport (:mod:`coformer.experiments.baselines`). Per method
 and link rate the bench records, over ``requests`` requests of ``batch_size`` test examples
 each (1 by default) after ``warmup``:
 
@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 
 from coformer.backbone import Backbone, Batch
-from coformer.baselines import (
+from coformer.experiments.baselines import (
     CoFormerMethod,
     Method,
     PipelineSplit,

@@ -4,7 +4,7 @@ Fine-tune the teacher's task head (cached), decompose into one sub-model per dev
 proportion to device compute, or from a ``coformer plan`` directory), calibrate by progressive
 boosting distillation, train the aggregator, run the test split through an in-process cluster,
 and report teacher / each sub-model / CoFormer side by side. The same flow with N = 1 builds
-the ``compressed`` alternative (:mod:`coformer.compressed`), packaged in ``<out>/compressed/``.
+the ``compressed`` alternative (:mod:`coformer.offline.compressed`), packaged in ``<out>/compressed/``.
 
 The plan directory records the teacher it was calibrated from (``plan.json``'s ``teacher``:
 sha256 of the saved teacher, data set, path), which ``coformer bench`` checks.
@@ -25,8 +25,8 @@ from rich.table import Table
 
 from coformer import defaults, open_transport, registry
 from coformer.artifacts import submodel_artifact
-from coformer.booster import BoosterConfig
-from coformer.calibrate import (
+from coformer.offline.booster import BoosterConfig
+from coformer.offline.calibrate import (
     DEFAULT_DEVICES,
     Calibrated,
     calibrate_policy,
@@ -36,12 +36,12 @@ from coformer.calibrate import (
     searched_plan,
     text_or_image_options,
 )
-from coformer.compressed import COMPRESSED_DIR, compressed_policy
+from coformer.offline.compressed import COMPRESSED_DIR, compressed_policy
 from coformer.data import RawDataset
-from coformer.data_choice import choose_dataset
+from coformer.offline.data_choice import choose_dataset
 from coformer.measure import count_flops, count_params
-from coformer.pipeline import Figures, Teacher, accuracy, median_latency_ms, prepare_teacher, teacher_figures
-from coformer.runtime import Coordinator
+from coformer.offline.pipeline import Figures, Teacher, accuracy, median_latency_ms, prepare_teacher, teacher_figures
+from coformer.online.runtime import Coordinator
 from coformer.spec import Policy
 
 __all__ = ["DEFAULT_DEVICES", "Calibrated", "DemoResult", "DemoUnavailableError", "calibrate_policy",
@@ -76,7 +76,7 @@ def load_policy(plan_dir: str | Path) -> Policy:
 
 def load_plan_importance(plan_dir: str | Path) -> Any:
     """The unit importance the plan was searched with (``None`` for plans that predate it)."""
-    from coformer.importance import plan_importance
+    from coformer.offline.importance import plan_importance
 
     return plan_importance(searched_plan(plan_dir))
 

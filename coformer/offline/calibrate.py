@@ -19,12 +19,12 @@ from coformer import defaults, registry
 from coformer.aggregator import Aggregator
 from coformer.artifacts import save_plan
 from coformer.backbone import Backbone, SubModel
-from coformer.booster import BoosterConfig, calibrate, submodel_features, train_aggregator
-from coformer.compressed import search_settings
+from coformer.offline.booster import BoosterConfig, calibrate, submodel_features, train_aggregator
+from coformer.offline.compressed import search_settings
 from coformer.data import RawDataset
-from coformer.decompose import proportional_specs
+from coformer.offline.decompose import proportional_specs
 from coformer.heads import StudentHead, head_input_dim
-from coformer.pipeline import (
+from coformer.offline.pipeline import (
     Teacher,
     accuracy,
     calibration_importance,
@@ -105,7 +105,7 @@ def calibrate_stage(backbone: Backbone, teacher: Teacher, *, config: BoosterConf
     if plan is not None and layers is not None:
         raise ValueError("layers applies to the proportional policy; a plan directory already fixes each "
                          "sub-model's layers — pass one or the other")
-    from coformer.importance import plan_importance
+    from coformer.offline.importance import plan_importance
 
     doc = searched_plan(plan) if plan is not None else None
     importance = plan_importance(doc) if doc is not None else None

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from coformer import defaults
-from coformer.cli import DATA_HELP, cli, console
+from coformer.cli.app import DATA_HELP, cli, console
 
 
 @cli.command("demo")
@@ -46,7 +46,7 @@ def demo_cmd(backbone_name: str, source: str | None, plan_dir: str | None, data_
              weight_rule: str | None, epochs: int | None, out: str, json_path: str | None,
              max_length: int, img_size: int, layers: int | None, compressed: bool, seed: int) -> None:
     """Fine-tune, decompose into one sub-model per device, calibrate, aggregate, and compare with the teacher."""
-    from coformer.demo import render, run_demo
+    from coformer.experiments.demo import render, run_demo
 
     if plan_dir is not None and layers is not None:
         raise click.UsageError("--layers applies to the proportional policy; a --plan already fixes each "

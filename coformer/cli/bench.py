@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 import click
 
-from coformer.cli import cli, console
+from coformer.cli.app import cli, console
 
 
 def _floats(text: str, what: str) -> list[float]:
@@ -30,7 +30,7 @@ def resolve_teacher(backbone: Any, plan: Any, teacher_dir: str | None) -> tuple[
     A plan without a record (written before teachers were recorded) needs ``--teacher`` and is
     benched unchecked, with a warning.
     """
-    from coformer.pipeline import TeacherMismatchError, check_teacher, find_teacher, teacher_sha256
+    from coformer.offline.pipeline import TeacherMismatchError, check_teacher, find_teacher, teacher_sha256
 
     record = plan.meta.get("teacher")
     if record is None:
@@ -72,10 +72,10 @@ def reshape_links(bed: Any, rate_mbps: float) -> None:
     """Change every testbed link (both ends) to ``rate_mbps`` by replacing its tbf qdisc."""
     import subprocess
 
-    from coformer.testbed import parse_rate, rate_bits
+    from coformer.experiments.testbed import parse_rate, rate_bits
 
     rate = parse_rate(rate_mbps)
-    # as in coformer.testbed: the burst must hold one timer tick of traffic and a full-size packet
+    # as in coformer.experiments.testbed: the burst must hold one timer tick of traffic and a full-size packet
     burst = str(max(16 * 1024, int(rate_bits(rate) / 8 / 100)))
     tbf = ["tbf", "rate", rate, "burst", burst, "latency", "200ms"]
     for w in bed.workers:
@@ -124,9 +124,9 @@ def bench_cmd(plan_dir: str, testbed: bool, workers: str | None, teacher_dir: st
     """
     import coformer
     from coformer.artifacts import ArtifactError, load_plan
-    from coformer.bench import BenchConfig, BenchSetup, device_count_run, make_sample, run_bench, write_outputs
-    from coformer.data_choice import choose_dataset
-    from coformer.pipeline import encode
+    from coformer.experiments.bench import BenchConfig, BenchSetup, device_count_run, make_sample, run_bench, write_outputs
+    from coformer.offline.data_choice import choose_dataset
+    from coformer.offline.pipeline import encode
     from coformer.spec import Policy
 
     if testbed == bool(workers):
@@ -165,7 +165,7 @@ def bench_cmd(plan_dir: str, testbed: bool, workers: str | None, teacher_dir: st
             finally:
                 for c in clients:
                     c.close()
-        from coformer import testbed as tb
+        from coformer.experiments import testbed as tb
 
         state = state_file or os.path.join(tempfile.mkdtemp(prefix="coformer-bench-"), "testbed.json")
         log(f"testbed: bringing up {', '.join(d.name for d in devs)} (state {state})")

@@ -1,10 +1,10 @@
 """The device-count table (the paper's Table V) with accuracy: CoFormer on 1, 2, 3 and 4 devices.
 
-Each device set gets its own *calibrated* plan — the demo flow (:func:`coformer.demo.run_demo`):
+Each device set gets its own *calibrated* plan — the demo flow (:func:`coformer.experiments.demo.run_demo`):
 proportional decomposition, boosting calibration and aggregator training on the train split,
 the test split read once, by the demo, for the reported accuracy; nothing is tuned, so there is
 no choice for the validation split to make. Each plan is then run through in-process workers
-(:func:`coformer.bench.device_count_run`) for latency, bytes and the energy ESTIMATE at one
+(:func:`coformer.experiments.bench.device_count_run`) for latency, bytes and the energy ESTIMATE at one
 (modelled) link rate. ``coformer bench --testbed --device-plans`` measures the same plans on
 shaped links.
 """
@@ -20,7 +20,7 @@ from rich.console import Console
 
 from coformer import defaults, open_transport, registry
 from coformer.artifacts import load_plan
-from coformer.bench import BenchConfig, device_count_run, make_sample
+from coformer.experiments.bench import BenchConfig, device_count_run, make_sample
 from coformer.data import RawDataset, RawSplit
 from coformer.spec import resolve_devices
 
@@ -66,8 +66,8 @@ def run_device_count(out: str | Path, cfg: DeviceCountConfig, *, dataset: RawDat
                      device_sets: dict[str, str] | None = None,
                      log: Callable[[str], None] = print) -> dict[str, Any]:
     """Calibrate one plan per device set under ``out`` and measure each; returns the JSON-ready document."""
-    from coformer.demo import default_dataset, run_demo
-    from coformer.pipeline import encode
+    from coformer.experiments.demo import default_dataset, run_demo
+    from coformer.offline.pipeline import encode
 
     out = Path(out)
     backbone = registry.create("backbone", cfg.backbone)

@@ -35,13 +35,13 @@ Accuracy proxy L_val (``proxy``):
   sliced sub-model, its features scattered into the teacher channels it kept, through the
   teacher's head.
 
-Units are assigned by importance computed once (:mod:`coformer.importance`) on a calibration
+Units are assigned by importance computed once (:mod:`coformer.offline.importance`) on a calibration
 batch (``calib``, the first training samples) — the same importance deployment uses, stored in
 the plan — so Ψ scores exactly the sub-models that will be deployed.
 
 Constraints C1–C6 are checked before anything runs; costs (FLOPs, memory) are measured with
 :func:`coformer.measure.measure_cost` on a real module of each spec's size sliced from the teacher
-layers the spec will run on (:func:`coformer.decompose.layer_maps`: a Swin block's cost depends on
+layers the spec will run on (:func:`coformer.offline.decompose.layer_maps`: a Swin block's cost depends on
 its stage), cached per (spec, layers). For teachers whose layers differ, C3/C4 are checked per
 teacher layer on the same layer maps. An infeasible policy never costs a model evaluation.
 Evaluations are cached by policy.
@@ -165,7 +165,7 @@ class Evaluator:
     """Scores policies for one teacher, device set and validation set.
 
     ``predictors`` maps device names to objects with ``predict(spec) -> ms`` (e.g.
-    :class:`coformer.predictor.LatencyPredictor`); devices without one use the FLOPs estimate.
+    :class:`coformer.offline.predictor.LatencyPredictor`); devices without one use the FLOPs estimate.
     ``topology`` places the aggregation (default: a separate coordinator, as the runtime runs);
     ``central`` is a shorthand for ``Topology("device", central)`` (an index). ``head`` replaces
     the teacher's task head for the ``"uncalibrated"`` proxy. ``probe_train`` is the labelled
@@ -232,7 +232,7 @@ class Evaluator:
 
     def layers_for(self, spec: SubModelSpec) -> tuple[int, ...]:
         """The teacher layers ``spec``'s positions run on (the first ``l`` for alike layers)."""
-        from coformer.decompose import top_layers
+        from coformer.offline.decompose import top_layers
 
         if self.shape.uniform_layers or spec.layers > self.shape.layers:
             return tuple(range(min(spec.layers, self.shape.layers)))
@@ -241,7 +241,7 @@ class Evaluator:
     def cost(self, spec: SubModelSpec) -> SubModelCost:
         """Measured FLOPs/params/memory of a module of ``spec``'s size on the cost batch, sliced from the
         teacher layers the spec runs on (cached)."""
-        from coformer.decompose import sized_selection
+        from coformer.offline.decompose import sized_selection
         from coformer.measure import measure_cost
 
         layers = self.layers_for(spec)
@@ -307,7 +307,7 @@ class Evaluator:
     # -- accuracy proxy ---------------------------------------------------------------
     def calibration_batch(self) -> Batch:
         """The batch importance is scored on: ``calib``, else the first training (probe) samples, else validation."""
-        from coformer.importance import IMPORTANCE_SAMPLES
+        from coformer.offline.importance import IMPORTANCE_SAMPLES
 
         if self._calib is None:
             data = self.probe_train if self.probe_train is not None else self.val
@@ -319,7 +319,7 @@ class Evaluator:
     def importance(self) -> UnitImportance:
         """Unit importance, computed once (cached on disk by content hash) on :meth:`calibration_batch`."""
         if self._importance is None:
-            from coformer.importance import shared_importance
+            from coformer.offline.importance import shared_importance
 
             self._importance, self.importance_key = shared_importance(self.backbone, self.teacher,
                                                                       self.calibration_batch())
@@ -327,7 +327,7 @@ class Evaluator:
 
     def selections(self, specs: Sequence[SubModelSpec]) -> list[UnitSelection]:
         """The concrete units each spec gets: what is scored here and what deployment slices."""
-        from coformer.decompose import assign_units
+        from coformer.offline.decompose import assign_units
 
         return assign_units(self.shape, specs, self.importance())
 
@@ -347,7 +347,7 @@ class Evaluator:
 
     def _probe_ce(self, train_x: torch.Tensor, val_x: torch.Tensor) -> float:
         from coformer.heads import ClassifierHead
-        from coformer.pipeline import fit_head
+        from coformer.offline.pipeline import fit_head
 
         assert self.probe_train is not None and self.val is not None
         tx, vx = _standardise(train_x, val_x)
@@ -378,7 +378,7 @@ class Evaluator:
     def _loss(self, selection: UnitSelection) -> float:
         """Mean CE of one sliced sub-model: features scattered into its teacher channels, teacher head."""
         assert self.val is not None
-        from coformer.pipeline import scatter_logits
+        from coformer.offline.pipeline import scatter_logits
 
         sub = self.backbone.slice(self.teacher, selection).eval()
         total = 0.0

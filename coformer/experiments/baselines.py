@@ -12,7 +12,7 @@
   across devices in proportion to speed. For every layer the coordinator sends the hidden state
   to every device twice (attention, then MLP), sums the partial outputs and applies residual,
   bias and LayerNorm: two rounds of communication per layer.
-* :class:`CoFormerMethod` — a plan's sub-models through the real :class:`~coformer.runtime.Coordinator`.
+* :class:`CoFormerMethod` — a plan's sub-models through the real :class:`~coformer.online.runtime.Coordinator`.
 
 Each request returns a :class:`Trace`: logits, end-to-end time, and every exchange with its
 payload bytes (serialized request batch + fp16 response), the worker-reported compute time and
@@ -36,7 +36,7 @@ from coformer.aggregator import Aggregator
 from coformer.artifacts import submodel_artifact
 from coformer.backbone import Backbone, Batch, SubModel
 from coformer.measure import peak_activation_bytes, state_bytes
-from coformer.runtime import Coordinator
+from coformer.online.runtime import Coordinator
 from coformer.spec import DeviceProfile, UnitSelection
 from coformer.transport import SubModelArtifact, WorkerClient, encode_batch
 
@@ -410,7 +410,7 @@ class TensorParallelSplit(Method):
 
 
 class CoFormerMethod(Method):
-    """A plan's sub-models, one per device, through the runtime :class:`~coformer.runtime.Coordinator`."""
+    """A plan's sub-models, one per device, through the runtime :class:`~coformer.online.runtime.Coordinator`."""
 
     name = "coformer"
 

@@ -1,0 +1,1 @@
+"""Offline stages, run before deployment: profile, predict, evaluate, search, decompose, calibrate, package."""

@@ -1,0 +1,1 @@
+"""Online runtime: a worker's state and admission of sub-models, and the coordinator that fans a request out."""
