@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import platform
+from importlib import metadata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -21,7 +22,7 @@ import torch
 from safetensors.torch import save_file
 from safetensors.torch import save as st_save
 
-from coformer.online.admission import (
+from coformer.admission import (
     AdmissionError,
     admit,
     build_on_meta,
@@ -42,9 +43,8 @@ class ArtifactError(ValueError):
 
 
 def _versions() -> dict[str, str]:
-    import coformer
-
-    return {"coformer": coformer.__version__, "torch": torch.__version__, "python": platform.python_version()}
+    # the installed distribution's version (= coformer.__version__): the bottom layer does not import the package facade
+    return {"coformer": metadata.version("coformer"), "torch": torch.__version__, "python": platform.python_version()}
 
 
 def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:

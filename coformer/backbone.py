@@ -7,37 +7,15 @@ calls these methods. See ``plugins/backbones/coformer_backbones/bert.py`` for th
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
-import torch
 from torch import Tensor, nn
 
+from coformer.assignment import UnitImportance, assign_units
 from coformer.spec import ModelShape, SubModelSpec, UnitSelection
 
 Batch = dict[str, Tensor]
-
-
-@dataclass
-class UnitImportance:
-    """Importance scores for every decomposable unit of a teacher (higher = more important)."""
-
-    layers: Tensor
-    channels: Tensor
-    heads: list[Tensor]
-    mlp: list[Tensor]
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form."""
-        return {"layers": self.layers.tolist(), "channels": self.channels.tolist(),
-                "heads": [h.tolist() for h in self.heads], "mlp": [m.tolist() for m in self.mlp]}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> UnitImportance:
-        """Inverse of :meth:`to_dict`."""
-        return cls(torch.tensor(data["layers"]), torch.tensor(data["channels"]),
-                   [torch.tensor(h) for h in data["heads"]], [torch.tensor(m) for m in data["mlp"]])
 
 
 class SubModel(nn.Module):
@@ -195,8 +173,6 @@ class Backbone(ABC):
         batch: Batch | None = None,
     ) -> list[SubModel]:
         """Assign units disjointly by importance and slice one sub-model per spec."""
-        from coformer.offline.decompose import assign_units
-
         if importance is None:
             if batch is None:
                 raise ValueError("decompose needs either `importance` or a calibration `batch`")

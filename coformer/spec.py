@@ -298,7 +298,7 @@ def check_structure(
     """C1–C4: layers, embedding channels, heads and MLP neurons never exceed the teacher's.
 
     ``layer_maps[n]`` names the teacher layer each position of spec ``n`` runs on (see
-    :func:`coformer.offline.decompose.layer_maps`); C3/C4 are then checked per *teacher* layer, summed
+    :func:`coformer.assignment.layer_maps`); C3/C4 are then checked per *teacher* layer, summed
     over the sub-models that keep it. Without maps, position ``k`` stands for teacher layer ``k``
     (exact for teachers whose layers are all alike).
     """

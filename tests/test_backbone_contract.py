@@ -18,9 +18,11 @@ from torch import Tensor, nn
 
 import coformer
 from coformer.artifacts import submodel_artifact
-from coformer.backbone import Backbone, Batch, UnitImportance
+from coformer.backbone import Backbone, Batch
+from coformer.assignment import UnitImportance
 from coformer.offline.booster import BoosterConfig
-from coformer.offline.decompose import assign_units, proportional_specs
+from coformer.assignment import assign_units
+from coformer.offline.decompose import proportional_specs
 from coformer.measure import measure_cost
 from coformer.spec import ModelShape, UnitSelection, check_structure
 

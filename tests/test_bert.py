@@ -15,7 +15,8 @@ from torch import Tensor
 
 import coformer
 from coformer.artifacts import submodel_artifact
-from coformer.offline.decompose import assign_units, proportional_specs
+from coformer.assignment import assign_units
+from coformer.offline.decompose import proportional_specs
 from coformer.measure import measure_cost
 from coformer.spec import ModelShape, UnitSelection, check_structure
 from coformer_backbones.bert import BertBackbone, BertTeacher, CompactBert, HashTokenizer

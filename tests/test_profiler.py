@@ -95,7 +95,7 @@ def test_cpu_quota_rejects_nonpositive_quota():
 
 
 @pytest.mark.root
-@pytest.mark.skipif(os.geteuid() != 0 or not (profiler.CGROUP_CPU / "cpu.cfs_quota_us").exists(),
+@pytest.mark.skipif(os.geteuid() != 0 or not (profiler.CGROUP_CPU_ROOT / "cpu.cfs_quota_us").exists(),
                     reason="needs root and the cgroup v1 cpu controller at /sys/fs/cgroup/cpu")
 def test_cpu_quota_profile_runs_in_a_cgroup_and_cleans_up(tiny):
     backbone, teacher = tiny

@@ -6,7 +6,9 @@ import json
 
 import pytest
 
-from coformer.offline.decompose import deal, proportional_specs
+from coformer.assignment import deal
+
+from coformer.offline.decompose import proportional_specs
 from coformer.spec import (
     BUILTIN_DEVICES,
     ConstraintError,

@@ -13,9 +13,10 @@ import pytest
 import torch
 
 import coformer
-from coformer.backbone import UnitImportance
+from coformer.assignment import UnitImportance
 from coformer.data import TensorDataset
-from coformer.offline.decompose import assign_units, layer_maps, proportional_specs, top_layers
+from coformer.assignment import assign_units, layer_maps, top_layers
+from coformer.offline.decompose import proportional_specs
 from coformer.offline.evaluator import Evaluator
 from coformer.measure import count_flops, count_params
 from coformer.offline.search import PolicyEncoding

@@ -17,11 +17,10 @@ from click.testing import CliRunner
 import coformer
 from coformer.online.runtime import Coordinator
 from coformer.spec import BUILTIN_DEVICES
+from coformer.cpu_quota import CFS_PERIOD_US, cfs_limit
 from coformer.experiments.testbed import (
-    CFS_PERIOD_US,
     Testbed,
     TestbedError,
-    cfs_limit,
     cpu_limits,
     down,
     leftovers_of,

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from coformer.online.admission import AdmissionError, LoadCancelledError, MemoryBudgetError, build_on_meta, safetensors_header
+from coformer.admission import AdmissionError, LoadCancelledError, MemoryBudgetError, build_on_meta, safetensors_header
 from coformer.artifacts import ArtifactError, load_plan, save_plan, submodel_artifact
 from coformer.limits import RequestLimits, RequestTooLargeError
 from coformer.online.runtime import Coordinator, WorkerState
@@ -190,7 +190,7 @@ def test_config_with_a_huge_list_is_refused_before_it_costs_memory(bert: dict[st
 
 
 def test_config_sanity_counts_a_container_before_walking_it() -> None:
-    from coformer.online.admission import MAX_CONFIG_SCALARS, check_config_sanity, parse_config_json
+    from coformer.admission import MAX_CONFIG_SCALARS, check_config_sanity, parse_config_json
 
     with pytest.raises(AdmissionError, match="values; not a sub-model config"):
         check_config_sanity({"backbone": "bert", "heads": [4] * (MAX_CONFIG_SCALARS + 1)})

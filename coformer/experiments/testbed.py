@@ -9,9 +9,10 @@ Each worker gets
 * a cgroup v1 ``cpu`` group (``/sys/fs/cgroup/cpu/coformer-<name>``) whose
   ``cpu.cfs_quota_us``/``cpu.cfs_period_us`` follow the chosen device profiles' GFLOPS ratios,
   scaled so the strongest device gets ``cores`` CPUs, with torch threads matched to its quota.
-  The CFS period is short (:data:`CFS_PERIOD_US`, 10 ms): with the kernel's default 100 ms a
-  request that needs less CPU than one period's quota runs at full speed (a 0.35-core "Nano"
-  answered a 2 ms request in 3 ms instead of ~9 ms), so slow devices were not slow per request.
+  The CFS period is short (:data:`~coformer.cpu_quota.CFS_PERIOD_US`, 10 ms): with the kernel's
+  default 100 ms a request that needs less CPU than one period's quota runs at full speed (a
+  0.35-core "Nano" answered a 2 ms request in 3 ms instead of ~9 ms), so slow devices were not
+  slow per request.
 
 Everything created is recorded in a JSON state file *as it is created*, so :func:`down`
 removes every namespace, veth, qdisc, cgroup and process even after a failed :func:`up`.
@@ -31,12 +32,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from coformer.cpu_quota import CGROUP_CPU_ROOT, cfs_limit
 from coformer.spec import BUILTIN_DEVICES, DeviceProfile
 
-CGROUP_CPU_ROOT = Path("/sys/fs/cgroup/cpu")
 DEFAULT_STATE = Path("/run/coformer/testbed.json")
-CFS_PERIOD_US = 10_000
-MIN_QUOTA_US = 1_000  # the kernel's lower bound for cpu.cfs_quota_us
 WORKER_PORT = 50051
 
 
@@ -77,18 +76,6 @@ def rate_bits(rate: str) -> float:
     scale = {"gbit": 1e9, "mbit": 1e6, "kbit": 1e3}
     unit = next(u for u in scale if rate.endswith(u))
     return float(rate[: -len(unit)]) * scale[unit]
-
-
-def cfs_limit(cores: float, period_us: int = CFS_PERIOD_US) -> tuple[int, int]:
-    """``(cfs_quota_us, cfs_period_us)`` for a share of ``cores`` CPUs.
-
-    The period is ``period_us`` unless the quota would fall below the kernel's 1 ms floor; then
-    the period grows so the quota is exactly 1 ms and the share is kept.
-    """
-    if not cores > 0:
-        raise ValueError(f"a CPU share must be positive, got {cores}")
-    period = max(period_us, round(MIN_QUOTA_US / cores))
-    return max(MIN_QUOTA_US, round(period * cores)), period
 
 
 def cpu_limits(devices: Sequence[DeviceProfile], cores: float = 1.0) -> list[tuple[int, int]]:

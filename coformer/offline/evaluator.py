@@ -41,7 +41,7 @@ the plan — so Ψ scores exactly the sub-models that will be deployed.
 
 Constraints C1–C6 are checked before anything runs; costs (FLOPs, memory) are measured with
 :func:`coformer.measure.measure_cost` on a real module of each spec's size sliced from the teacher
-layers the spec will run on (:func:`coformer.offline.decompose.layer_maps`: a Swin block's cost depends on
+layers the spec will run on (:func:`coformer.assignment.layer_maps`: a Swin block's cost depends on
 its stage), cached per (spec, layers). For teachers whose layers differ, C3/C4 are checked per
 teacher layer on the same layer maps. An infeasible policy never costs a model evaluation.
 Evaluations are cached by policy.
@@ -56,7 +56,9 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from coformer.backbone import Backbone, Batch, UnitImportance
+from coformer.backbone import Backbone, Batch
+
+from coformer.assignment import UnitImportance
 from coformer.data import TensorDataset
 from coformer.spec import (
     DeviceProfile,
@@ -232,7 +234,7 @@ class Evaluator:
 
     def layers_for(self, spec: SubModelSpec) -> tuple[int, ...]:
         """The teacher layers ``spec``'s positions run on (the first ``l`` for alike layers)."""
-        from coformer.offline.decompose import top_layers
+        from coformer.assignment import top_layers
 
         if self.shape.uniform_layers or spec.layers > self.shape.layers:
             return tuple(range(min(spec.layers, self.shape.layers)))
@@ -241,7 +243,7 @@ class Evaluator:
     def cost(self, spec: SubModelSpec) -> SubModelCost:
         """Measured FLOPs/params/memory of a module of ``spec``'s size on the cost batch, sliced from the
         teacher layers the spec runs on (cached)."""
-        from coformer.offline.decompose import sized_selection
+        from coformer.assignment import sized_selection
         from coformer.measure import measure_cost
 
         layers = self.layers_for(spec)
@@ -327,7 +329,7 @@ class Evaluator:
 
     def selections(self, specs: Sequence[SubModelSpec]) -> list[UnitSelection]:
         """The concrete units each spec gets: what is scored here and what deployment slices."""
-        from coformer.offline.decompose import assign_units
+        from coformer.assignment import assign_units
 
         return assign_units(self.shape, specs, self.importance())
 

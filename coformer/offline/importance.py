@@ -17,7 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from coformer.backbone import Backbone, Batch, UnitImportance
+from coformer.backbone import Backbone, Batch
+
+from coformer.assignment import UnitImportance
 
 #: Training samples importance is scored on (what deployment always used).
 IMPORTANCE_SAMPLES = 32

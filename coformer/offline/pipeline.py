@@ -270,7 +270,7 @@ def decompose_policy(backbone: Backbone, teacher: Teacher, policy: Any, *, calib
                      importance: Any = None) -> Decomposition:
     """Check C1–C4 (per teacher layer the specs will run on), score units on a calibration batch
     (or take ``importance``), slice, then check C5/C6 on the real modules."""
-    from coformer.offline.decompose import assign_units, layer_maps
+    from coformer.assignment import assign_units, layer_maps
     from coformer.measure import measure_cost
     from coformer.spec import validate
 

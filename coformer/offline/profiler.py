@@ -32,11 +32,9 @@ import torch
 from torch import nn
 
 from coformer.backbone import Backbone, Batch
+from coformer.cpu_quota import CGROUP_CPU_ROOT, cfs_limit
 from coformer.data import RawDataset
 from coformer.spec import ModelShape, SubModelSpec, UnitSelection
-from coformer.experiments.testbed import cfs_limit
-
-CGROUP_CPU = Path("/sys/fs/cgroup/cpu")
 
 
 @dataclass
@@ -248,10 +246,10 @@ def _check_cgroup() -> None:
         raise CgroupUnavailableError(
             "--cpu-quota places the measurement in a cgroup, which needs root; run as root, or profile "
             "without a quota / on a real device with --worker URI")
-    if not (CGROUP_CPU / "cpu.cfs_quota_us").exists():
+    if not (CGROUP_CPU_ROOT / "cpu.cfs_quota_us").exists():
         raise CgroupUnavailableError(
-            f"{CGROUP_CPU} is not a cgroup v1 cpu controller (no cpu.cfs_quota_us); mount it "
-            f"(mount -t cgroup -o cpu,cpuacct none {CGROUP_CPU}) or profile without --cpu-quota")
+            f"{CGROUP_CPU_ROOT} is not a cgroup v1 cpu controller (no cpu.cfs_quota_us); mount it "
+            f"(mount -t cgroup -o cpu,cpuacct none {CGROUP_CPU_ROOT}) or profile without --cpu-quota")
 
 
 def threads_for_quota(quota: float) -> int:
@@ -272,7 +270,7 @@ def profile_cpu_quota(backbone_name: str, source: str | None, specs: Sequence[Su
         raise ValueError(f"--cpu-quota must be a positive number of cores, got {quota}")
     _check_cgroup()
     quota_us, period_us = cfs_limit(quota)
-    group = CGROUP_CPU / f"coformer-profile-{os.getpid()}-{int(time.time() * 1000)}"
+    group = CGROUP_CPU_ROOT / f"coformer-profile-{os.getpid()}-{int(time.time() * 1000)}"
     group.mkdir()
     try:
         (group / "cpu.cfs_period_us").write_text(str(period_us))

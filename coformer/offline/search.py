@@ -8,7 +8,7 @@ A policy for N devices is encoded as a small parameter vector: per sub-model ``n
 * ``mlp_n``     — share of each layer's MLP neurons, in (0, 1],
 
 the same share in every layer, applied to *that teacher layer's* heads and neurons: position
-``k`` of sub-model ``n`` runs on the teacher layer :func:`coformer.offline.decompose.top_layers` maps it to
+``k`` of sub-model ``n`` runs on the teacher layer :func:`coformer.assignment.top_layers` maps it to
 (given the evaluator's layer importance), so every stage of a teacher whose layers differ (a
 Swin) can be fully used. Shares are normalised across sub-models when they sum above 1, then
 floored to whole units (head groups for heads, channel groups for channels), so C2–C4 hold by

@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from coformer.online.admission import (
+from coformer.admission import (
     AdmissionError,
     LoadCancelledError,
     admit_memory,
@@ -63,7 +63,7 @@ class WorkerState:
     sub-model's own limits before compute. Setting :attr:`cancel` aborts loads in progress.
 
     The loaded models are a cache bounded by ``max_memory_bytes`` (tensors plus per-module
-    overhead, :func:`~coformer.online.admission.resident_bytes`): a load that does not fit evicts the
+    overhead, :func:`~coformer.admission.resident_bytes`): a load that does not fit evicts the
     least-recently-used models that no request is using; it is refused only if the models in use
     leave no room. A coordinator whose model was evicted reloads it (see :class:`RecoveryPolicy`).
     """

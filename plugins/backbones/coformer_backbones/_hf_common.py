@@ -38,7 +38,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from coformer.backbone import Backbone, Batch, SubModel, UnitImportance
+from coformer.backbone import Backbone, Batch, SubModel
+
+from coformer.assignment import UnitImportance
 from coformer.heads import ClassifierHead, load_head, save_head
 from coformer.spec import ModelShape, UnitSelection, check_selection
 from coformer_backbones._hf_parallel import LayeredLM

@@ -25,7 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from coformer.backbone import Backbone, Batch, SubModel, UnitImportance
+from coformer.backbone import Backbone, Batch, SubModel
+
+from coformer.assignment import UnitImportance
 from coformer.heads import ClassifierHead
 from coformer.spec import ModelShape, UnitSelection
 from coformer_backbones._parallel import PARALLEL_KINDS, ParallelBaselines, build_parallel

@@ -11,7 +11,7 @@ import time
 import click
 from click.core import ParameterSource
 
-from coformer.online.admission import mb, warm_up
+from coformer.admission import mb, warm_up
 from coformer.limits import RequestLimits
 from coformer_transports.grpc_transport import WorkerServer, is_loopback, serve, split_hostport
 

@@ -40,7 +40,7 @@ import grpc
 import torch
 from google.protobuf.message import Message
 
-from coformer.online.admission import (
+from coformer.admission import (
     MAX_HEADER_BYTES,
     AdmissionError,
     LoadCancelledError,
