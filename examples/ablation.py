@@ -59,6 +59,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rules", default=",".join(WEIGHT_RULES), help="weight rules to compare")
     p.add_argument("--device-dropout", type=float, default=None, help="aggregator training drop-out per device")
     p.add_argument("--aggregator-epochs", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None, help="calibration learning rate (default: the backbone's)")
+    p.add_argument("--lr-schedule", default=None, help="constant or cosine (default: the backbone's)")
+    p.add_argument("--feature-weight", type=float, default=None, help="feature distillation weight beta")
     p.add_argument("--aggregators", default=None, help="comma-separated (default: every registered one)")
     p.add_argument("--train-limit", type=int, default=None,
                    help="calibrate on N random training examples only (a quick smoke run; not for reported figures)")
@@ -99,6 +102,12 @@ def aggregator_table(aggs, feats, labels):
                       "params": sum(p.numel() for p in agg.parameters()), "subsets": per_subset,
                       "mean_over_subsets": sum(per_subset.values()) / len(per_subset)}
     return rows
+
+
+def rule_config(backbone, rule: str, *, seed: int, overrides: dict) -> BoosterConfig:
+    """The booster settings for one compared rule: the backbone's ``calibration_defaults`` (as the demo
+    uses them), then the command-line overrides, then the rule under comparison."""
+    return BoosterConfig.for_backbone(backbone, **{"seed": seed, **overrides, "weight_rule": rule})
 
 
 def choose_rule(rules: dict) -> str:
@@ -150,10 +159,12 @@ def main() -> None:
     console.print(f"[validation] teacher {report['teacher_accuracy']:.2f}%  uncalibrated sub-models "
                   f"{[round(a, 2) for a in report['uncalibrated']]}")
     overrides = {k: v for k, v in {"epochs": args.epochs, "device_dropout": args.device_dropout,
-                                   "aggregator_epochs": args.aggregator_epochs}.items() if v is not None}
+                                   "aggregator_epochs": args.aggregator_epochs, "lr": args.lr,
+                                   "lr_schedule": args.lr_schedule,
+                                   "feature_weight": args.feature_weight}.items() if v is not None}
     kept = {}
     for rule in args.rules.split(","):
-        config = BoosterConfig(seed=args.seed, weight_rule=rule, **overrides)
+        config = rule_config(backbone, rule, seed=args.seed, overrides=overrides)
         subs = [copy.deepcopy(m) for m in parts.submodels]
         t0 = time.perf_counter()
         cal = calibrate(backbone, teacher.model, subs, teacher.train, config=config, teacher_labels=hard["train"])
@@ -165,7 +176,7 @@ def main() -> None:
                                  hard["train"], head, config)
         kept[rule] = (cal, aggs)
         w = cal.sample_weights[1] if len(cal.sample_weights) > 1 else cal.final_weights  # after one update
-        report["rules"][rule] = {"calibrated": calibrated, "calibration_s": seconds,
+        report["rules"][rule] = {"calibrated": calibrated, "calibration_s": seconds, "config": dataclasses.asdict(config),
                                  "aggregators": aggregator_table(aggs, feats["val"], labels["val"]),
                                  "final_loss": cal.final_loss,
                                  "first_update_weight_ratio": float(w.max() / w.min()) if float(w.min()) > 0 else None}

@@ -41,3 +41,15 @@ def test_rule_is_chosen_by_graceful_degradation_on_validation_and_every_rule_is_
     assert "validation split" in text and "### Test split (read once): paper rule" in text
     for rule in rules:
         assert f"| {rule} |" in text
+
+
+def test_each_rule_runs_with_the_backbones_calibration_defaults_and_the_flags_on_top():
+    import coformer
+
+    ablation = _ablation()
+    vit = coformer.create_backbone("vit")  # declares feature_weight 1.0 and a cosine schedule
+    config = ablation.rule_config(vit, "boost", seed=3, overrides={"lr": 5e-5})
+    assert config.weight_rule == "boost" and config.seed == 3 and config.lr == 5e-5
+    for field, value in vit.calibration_defaults.items():
+        if field != "weight_rule":
+            assert getattr(config, field) == value, field
