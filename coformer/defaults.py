@@ -1,7 +1,7 @@
 """The defaults every stage and command starts from, kept in one place.
 
 They name built-in plugins that a fresh install registers; each stage takes another name instead
-(``--backbone``, ``--aggregator``, ``--strategy``, ``--devices``).
+(``--backbone``, ``--aggregator``, ``--strategy``, ``--devices``, ``--transport``).
 """
 
 from __future__ import annotations
@@ -14,3 +14,9 @@ AGGREGATOR = "mlp_fusion"
 SEARCH_STRATEGY = "ax_gp_ei"
 #: The seed's three heterogeneous devices (Table VII).
 DEVICES = ("jetson-nano", "jetson-tx2", "orin-nano")
+#: The transport ``coformer worker`` serves with and the testbed starts workers on (``--transport``).
+TRANSPORT = "grpc"
+#: The transport of workers living in the coordinator's own process (the demo, device-count sweeps).
+LOCAL_TRANSPORT = "inproc"
+#: Where ``coformer worker`` listens unless told otherwise: loopback only.
+WORKER_LISTEN = "127.0.0.1:50051"

@@ -46,10 +46,14 @@ def register_search_strategies(register: Register) -> None:
 
 @hookspec
 def register_transports(register: Register) -> None:
-    """Register transports by URI scheme (``inproc``, ``grpc``, ...).
+    """Register transports by URI scheme: ``register(scheme, transport)``.
 
-    ``factory(uri)`` returns a :class:`coformer.transport.WorkerClient` connected to the
-    worker that ``uri`` names.
+    ``transport`` is a :class:`coformer.transport.Transport` instance: ``connect(uri)`` returns a
+    :class:`coformer.transport.WorkerClient` connected to the worker that ``uri`` names. A
+    transport that can also serve workers (``coformer worker --transport SCHEME``, the testbed)
+    is a :class:`coformer.online.serve.ServingTransport`: ``serve(listen, worker, options)`` and
+    ``worker_uri(host, port)``. A bare ``factory(uri)`` callable is still accepted as a
+    connect-only transport.
     """
 
 

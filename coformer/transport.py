@@ -1,17 +1,23 @@
 """The interface a transport plugin implements, and the wire encodings every transport shares.
 
-A transport connects the coordinator to one worker by URI (``inproc://name``,
-``grpc://host:port``). Tensors cross the wire as safetensors bytes or raw fp16 bytes with
-shape and dtype — never pickle.
+A transport connects the coordinator to one worker by URI (``SCHEME://ADDRESS``; the scheme
+selects the transport registered under it). What a plugin registers is a :class:`Transport`
+(``connect(uri)``) or, as before, a bare ``factory(uri)`` callable, which is a connect-only
+transport. A transport that can also *serve* a worker to other processes subclasses
+:class:`coformer.online.serve.ServingTransport` (serving needs the worker's state, which lives in
+the online layer). Tensors cross the wire as safetensors bytes or raw fp16 bytes with shape and
+dtype — never pickle.
 """
 
 from __future__ import annotations
 
 import hashlib
+import ipaddress
+import socket
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 from urllib.parse import urlparse
 
 import numpy as np
@@ -140,9 +146,81 @@ class WorkerClient(ABC):
         """Release the connection."""
 
 
+class Transport(ABC):
+    """What a transport plugin registers under its URI scheme: how to reach a worker.
+
+    Register an instance: ``register("myscheme", MyTransport())``. A registered transport is
+    also the connect factory the registry calls (``transport(uri=...)``), so code written
+    against bare factories keeps working. To serve workers as well (``coformer worker
+    --transport NAME``), subclass :class:`coformer.online.serve.ServingTransport` instead.
+    """
+
+    @abstractmethod
+    def connect(self, uri: str) -> WorkerClient:
+        """A client connected to the worker that ``uri`` names."""
+
+    def __call__(self, uri: str) -> WorkerClient:
+        """The same as :meth:`connect`: a transport is the ``factory(uri)`` the registry calls."""
+        return self.connect(uri)
+
+
+class FactoryTransport(Transport):
+    """A transport registered the older way, as a bare ``factory(uri)`` callable: it connects, it cannot serve."""
+
+    def __init__(self, factory: Callable[..., WorkerClient]):
+        self.factory = factory
+
+    def connect(self, uri: str) -> WorkerClient:
+        """Call the registered factory with ``uri``."""
+        return self.factory(uri=uri)
+
+
+def as_transport(registered: Callable[..., WorkerClient]) -> Transport:
+    """The :class:`Transport` a plugin registered: itself, or a bare factory wrapped as a connect-only one."""
+    return registered if isinstance(registered, Transport) else FactoryTransport(registered)
+
+
+def get_transport(name: str) -> Transport:
+    """The transport registered under ``name`` (its URI scheme); an unknown name raises listing the known ones."""
+    from coformer.registry import get
+
+    return as_transport(get("transport", name).factory)
+
+
 def scheme_of(uri: str) -> str:
-    """The URI scheme that selects a transport (``grpc://h:p`` → ``grpc``)."""
+    """The URI scheme that selects a transport (``scheme://device0`` → ``scheme``)."""
     scheme = urlparse(uri).scheme
     if not scheme:
-        raise ValueError(f"worker URI {uri!r} has no scheme; use e.g. inproc://name or grpc://127.0.0.1:50051")
+        raise ValueError(f"worker URI {uri!r} has no scheme; use SCHEME://ADDRESS with a registered transport "
+                         f"(`coformer plugins` lists them), e.g. the URI `coformer worker` prints")
     return scheme
+
+
+def split_hostport(address: str) -> tuple[str, int]:
+    """``"127.0.0.1:50051"`` / ``"[::1]:50051"`` → (host, port); raises a clear ValueError."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"address {address!r} must be HOST:PORT, e.g. 127.0.0.1:50051 (port 0 picks a free one)")
+    return host, int(port)
+
+
+def join_hostport(host: str, port: int) -> str:
+    """Inverse of :func:`split_hostport`: an IPv6 literal gets its brackets (``[::1]:50051``)."""
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"{host}:{port}"
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an IP literal or a name) refers only to this machine."""
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        try:
+            return all(ipaddress.ip_address(info[4][0]).is_loopback
+                       for info in socket.getaddrinfo(host, None))
+        except OSError:
+            return False

@@ -18,9 +18,12 @@ import coformer
 from coformer.online.runtime import Coordinator
 from coformer.spec import BUILTIN_DEVICES
 from coformer.cpu_quota import CFS_PERIOD_US, cfs_limit
+from coformer import defaults
 from coformer.experiments.testbed import (
     Testbed,
     TestbedError,
+    TestbedWorker,
+    _worker_cmd,
     cpu_limits,
     down,
     leftovers_of,
@@ -29,7 +32,8 @@ from coformer.experiments.testbed import (
     unavailable_reason,
     up,
 )
-from coformer.transport import encode_batch
+from coformer.online.serve import ServeUnsupportedError
+from coformer.transport import encode_batch, get_transport
 
 from tiny_split import tiny_bert_split
 
@@ -73,6 +77,33 @@ def test_rates_parse_to_tc_syntax() -> None:
     assert parse_rate("2mbit") == "2mbit" and parse_rate(100) == "100mbit" and parse_rate("1gbit") == "1gbit"
     with pytest.raises(ValueError, match="not understood"):
         parse_rate("fast")
+
+
+def _worker(**changes: Any) -> TestbedWorker:
+    fields = dict(name="cfx0", device="jetson-tx2", gflops=665.6, rate="100mbit", namespace="coformer-cfx0",
+                  host_if="cfx0h", ns_if="cfx0n", host_ip="10.9.0.1", ns_ip="10.9.0.2", port=50099,
+                  cgroup="/sys/fs/cgroup/cpu/coformer-cfx0", quota_us=10000, period_us=10000, threads=1)
+    return TestbedWorker(**{**fields, **changes})
+
+
+def test_the_transport_gives_each_worker_its_uri_and_serve_command(tmp_path: Path) -> None:
+    w = _worker()
+    assert w.transport == defaults.TRANSPORT
+    assert w.uri == get_transport(defaults.TRANSPORT).worker_uri("10.9.0.2", 50099)
+    cmd = _worker_cmd(w)
+    worker_args = cmd[cmd.index("worker"):]
+    assert worker_args[:5] == ["worker", "--transport", defaults.TRANSPORT, "--listen", "10.9.0.2:50099"]
+    # a state file written before workers recorded their transport still loads, with the default one
+    state = tmp_path / "old.json"
+    doc = {k: v for k, v in w.__dict__.items() if k != "transport"}
+    state.write_text(json.dumps({"prefix": "cfx", "workers": [doc]}))
+    assert Testbed.load(state).uris == [w.uri]
+
+
+def test_up_refuses_a_transport_that_cannot_serve(tmp_path: Path) -> None:
+    with pytest.raises(ServeUnsupportedError, match=f"transports that can serve: .*{defaults.TRANSPORT}"):
+        up(DEVICES, RATES, state_file=tmp_path / "state.json", transport=defaults.LOCAL_TRANSPORT)
+    assert not (tmp_path / "state.json").exists()
 
 
 # --------------------------------------------------------------------------- real namespaces

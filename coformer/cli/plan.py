@@ -117,7 +117,8 @@ def load_predictors(spec: str | None) -> dict[str, Any]:
 @click.option("--source", default=None, help="Teacher directory (default: the embedded model; 'tiny' for a test model).")
 @click.option("--device-name", required=True, help="Name this profile (and its predictor) is stored under.")
 @click.option("--cpu-quota", type=float, default=None, help="Measure in a cgroup limited to this many cores (root).")
-@click.option("--worker", "worker_uri", default=None, help="Measure on a remote worker (e.g. grpc://host:port).")
+@click.option("--worker", "worker_uri", default=None,
+              help="Measure on a remote worker, by the URI `coformer worker` printed.")
 @click.option("--threads", type=int, default=None, help="Torch threads for a local measurement.")
 @click.option("--shapes", type=int, default=50, show_default=True, help="How many sub-model shapes.")
 @click.option("--repeats", type=int, default=5, show_default=True)

@@ -1,6 +1,6 @@
 """``coformer infer`` (coordinate a plan over any transport) and ``coformer testbed`` (emulated devices).
 
-``coformer worker`` is added by the transport plugin that serves it (gRPC).
+``coformer worker`` (serve a device's sub-models) is in :mod:`coformer.cli.serve`.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import click
 
 from coformer.cli.app import cli, console
+from coformer.defaults import TRANSPORT
 
 
 def _load_input(plan: Any, input_file: str | None, texts: Sequence[str]) -> dict[str, Any]:
@@ -207,16 +208,19 @@ _STATE_OPT = click.option("--state", "state_file", type=click.Path(dir_okay=Fals
 @click.option("--prefix", default="cf", show_default=True, help="Name prefix for namespaces, links and cgroups.")
 @click.option("--subnet", type=int, default=213, show_default=True, help="Workers get 10.SUBNET.i.2.")
 @click.option("--token", envvar="COFORMER_TOKEN", default=None, help="Shared token for every worker.")
+@click.option("--transport", default=TRANSPORT, show_default=True,
+              help="Transport the workers serve with (`coformer worker --transport`).")
 @_STATE_OPT
 def testbed_up(devices: str, rates: str, cores: float, port: int, prefix: str, subnet: int, token: str | None,
-               state_file: str) -> None:
+               transport: str, state_file: str) -> None:
     """Create the namespaces, shaped veth links, cgroups and workers; print their URIs."""
     from coformer.experiments.testbed import TestbedError, up
+    from coformer.registry import UnknownPluginError
 
     try:
         bed = up([d.strip() for d in devices.split(",")], [r.strip() for r in rates.split(",")], prefix=prefix,
-                 state_file=state_file, subnet=subnet, cores=cores, token=token, port=port)
-    except (TestbedError, ValueError) as exc:
+                 state_file=state_file, subnet=subnet, cores=cores, token=token, port=port, transport=transport)
+    except (TestbedError, ValueError, UnknownPluginError) as exc:
         raise click.ClickException(str(exc)) from exc
     for w in bed.workers:
         console.print(f"{w.name}: {w.device} at {w.uri}, link {w.rate}, cpu {w.quota_us / w.period_us:.3f} "

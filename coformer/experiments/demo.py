@@ -214,7 +214,7 @@ def run_demo(
         co_acc = accuracy(aggregator(feats["test"]), labels)
         co_val = accuracy(aggregator(feats["val"]), teacher.val.labels)
 
-    clients = [open_transport(f"inproc://demo-{n}") for n in range(len(submodels))]
+    clients = [open_transport(f"{defaults.LOCAL_TRANSPORT}://demo-{n}") for n in range(len(submodels))]
     coord = Coordinator.deploy(clients, [submodel_artifact(m) for m in submodels], aggregator,
                                names=[d.name for d in policy.devices])
     co_latency = median_latency_ms(lambda: coord.infer(one), repeats=latency_repeats)

@@ -86,7 +86,7 @@ def run_device_count(out: str | Path, cfg: DeviceCountConfig, *, dataset: RawDat
                           latency_repeats=cfg.latency_repeats, console=quiet)
         seconds = time.perf_counter() - started
         plan = load_plan(result.plan_dir)
-        clients = [open_transport(f"inproc://device-count-{name}-{i}") for i in range(len(devices))]
+        clients = [open_transport(f"{defaults.LOCAL_TRANSPORT}://device-count-{name}-{i}") for i in range(len(devices))]
         try:
             row = device_count_run(plan, clients, devices, sample, cfg.rate_mbps, cfg.bench, shaped=False,
                                    accuracy=result.coformer.accuracy)

@@ -1,4 +1,4 @@
-"""An emulated cluster on one machine: gRPC workers in network namespaces over shaped links.
+"""An emulated cluster on one machine: ``coformer worker`` processes in network namespaces over shaped links.
 
 Each worker gets
 
@@ -14,7 +14,8 @@ Each worker gets
   0.35-core "Nano" answered a 2 ms request in 3 ms instead of ~9 ms), so slow devices were not
   slow per request.
 
-Everything created is recorded in a JSON state file *as it is created*, so :func:`down`
+Workers serve with any transport that can (``transport``, default :data:`coformer.defaults.TRANSPORT`);
+the transport says which URI reaches each one. Everything created is recorded in a JSON state file *as it is created*, so :func:`down`
 removes every namespace, veth, qdisc, cgroup and process even after a failed :func:`up`.
 All of it needs root and ``ip netns``; :func:`unavailable_reason` says why not, when not.
 """
@@ -33,6 +34,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from coformer.cpu_quota import CGROUP_CPU_ROOT, cfs_limit
+from coformer.defaults import TRANSPORT
+from coformer.online.serve import serving_transport
 from coformer.spec import BUILTIN_DEVICES, DeviceProfile
 
 DEFAULT_STATE = Path("/run/coformer/testbed.json")
@@ -109,11 +112,12 @@ class TestbedWorker:
     pid: int | None = None
     log: str = ""
     created: list[str] = field(default_factory=list)
+    transport: str = TRANSPORT
 
     @property
     def uri(self) -> str:
-        """The worker's ``grpc://`` address (reachable from the host namespace)."""
-        return f"grpc://{self.ns_ip}:{self.port}"
+        """The worker's URI, as its transport forms it (reachable from the host namespace)."""
+        return serving_transport(self.transport).worker_uri(self.ns_ip, self.port)
 
 
 @dataclass
@@ -165,18 +169,22 @@ def _tbf(rate: str) -> list[str]:
 def _worker_cmd(w: TestbedWorker) -> list[str]:
     # the token, if any, travels in the environment (COFORMER_TOKEN), never on the command line
     return ["ip", "netns", "exec", w.namespace, sys.executable, "-c",
-           "from coformer.cli import main; main()", "worker", "--listen", f"{w.ns_ip}:{w.port}",
-           "--threads", str(w.threads), "--name", w.name]
+           "from coformer.cli import main; main()", "worker", "--transport", w.transport,
+           "--listen", f"{w.ns_ip}:{w.port}", "--threads", str(w.threads), "--name", w.name]
 
 
 def up(devices: Sequence[str | DeviceProfile], rates: Sequence[str | float], *, prefix: str = "cf",
        state_file: str | Path = DEFAULT_STATE, subnet: int = 213, cores: float = 1.0,
-       token: str | None = None, port: int = WORKER_PORT, start_timeout: float = 120.0) -> Testbed:
+       token: str | None = None, port: int = WORKER_PORT, start_timeout: float = 120.0,
+       transport: str = TRANSPORT) -> Testbed:
     """Create one namespace + shaped veth + cgroup + ``coformer worker`` per device; returns the testbed.
 
     ``rates`` gives one link rate per device (or one for all). Worker ``i`` listens on
-    ``10.<subnet>.<i>.2:<port>``. On failure everything created so far is removed.
+    ``10.<subnet>.<i>.2:<port>`` and serves with ``transport``, which must be one that serves
+    (:class:`~coformer.online.serve.ServeUnsupportedError` otherwise). On failure everything
+    created so far is removed.
     """
+    serving_transport(transport)
     reason = unavailable_reason()
     if reason:
         raise TestbedError(reason)
@@ -205,7 +213,7 @@ def up(devices: Sequence[str | DeviceProfile], rates: Sequence[str | float], *, 
                 name=name, device=dev.name, gflops=dev.gflops, rate=rate, namespace=f"coformer-{name}",
                 host_if=f"{name}h", ns_if=f"{name}n", host_ip=f"10.{subnet}.{i}.1", ns_ip=f"10.{subnet}.{i}.2",
                 port=port, cgroup=str(CGROUP_CPU_ROOT / f"coformer-{name}"), quota_us=quota,
-                period_us=period, threads=max(1, round(quota / period)),
+                period_us=period, threads=max(1, round(quota / period)), transport=transport,
             )
             if len(w.host_if) > 15:
                 raise ValueError(f"prefix {prefix!r} is too long for interface names (max 12 characters)")
@@ -391,7 +399,7 @@ def leftovers_of(bed: Testbed) -> list[str]:
 
 
 def status(state_file: str | Path = DEFAULT_STATE, *, timeout: float = 2.0) -> list[dict[str, Any]]:
-    """Per worker: device, link rate, quota, pid alive, and its gRPC health (or the error)."""
+    """Per worker: device, link rate, quota, pid alive, and its health over its transport (or the error)."""
     import coformer
 
     bed = Testbed.load(state_file)

@@ -1,8 +1,9 @@
 """``grpc://host:port``: workers on other machines (or network namespaces), over gRPC.
 
 Server side: :class:`WorkerServer` wraps a transport-independent
-:class:`~coformer.online.runtime.WorkerState` in a thread-pool gRPC server (``coformer worker``).
-Client side: :class:`GrpcClient`, registered for the ``grpc`` scheme.
+:class:`~coformer.online.runtime.WorkerState` in a thread-pool gRPC server.
+Client side: :class:`GrpcClient`. Both are reached through :class:`GrpcTransport`, registered
+for the ``grpc`` scheme: it connects, and it serves ``coformer worker --transport grpc``.
 
 Security: TLS (server ``tls_cert``/``tls_key``; client ``?tls=1&ca=PATH`` in the URI or the
 ``COFORMER_TLS_CA`` environment variable) and a shared token sent as call metadata
@@ -21,12 +22,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import ipaddress
 import itertools
 import json
 import os
 import platform
-import socket
 import tempfile
 import threading
 import time
@@ -54,6 +53,7 @@ from coformer.backbone import Batch
 from coformer.hookspecs import Register, hookimpl
 from coformer.limits import RequestLimits, RequestTooLargeError
 from coformer.online.runtime import WorkerState
+from coformer.online.serve import ServedWorker, ServeOptions, ServingTransport
 from coformer.transport import (
     BadRequestError,
     InferResult,
@@ -65,6 +65,9 @@ from coformer.transport import (
     decode_features,
     encode_batch,
     encode_features,
+    is_loopback,
+    join_hostport,
+    split_hostport,
 )
 from coformer_transports.proto import coformer_pb2 as pb
 
@@ -134,30 +137,7 @@ def _safe_deserializer(cls: type[Message]) -> Callable[[bytes], Message | _Malfo
 # --------------------------------------------------------------------------- server
 
 
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` (an IP literal or a name) refers only to this machine."""
-    host = host.strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        try:
-            return all(ipaddress.ip_address(info[4][0]).is_loopback
-                       for info in socket.getaddrinfo(host, None))
-        except OSError:
-            return False
-
-
-def split_hostport(address: str) -> tuple[str, int]:
-    """``"127.0.0.1:50051"`` / ``"[::1]:50051"`` → (host, port); raises a clear ValueError."""
-    host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise ValueError(f"address {address!r} must be HOST:PORT, e.g. 127.0.0.1:50051 (port 0 picks a free one)")
-    return host, int(port)
-
-
-class WorkerServer:
+class WorkerServer(ServedWorker):
     """A running gRPC worker: a :class:`WorkerState` behind a thread-pool server.
 
     :meth:`drain` is the clean shutdown: stop accepting, cancel loads, give in-flight calls
@@ -610,20 +590,31 @@ class GrpcClient(WorkerClient):
         self.channel.close()
 
 
+class GrpcTransport(ServingTransport):
+    """``grpc://host:port``: connects with :class:`GrpcClient`, serves with :class:`WorkerServer`."""
+
+    def connect(self, uri: str) -> GrpcClient:
+        """A client for ``grpc://host:port[?tls=1&…]`` (see :class:`GrpcClient`)."""
+        return GrpcClient(uri)
+
+    def serve(self, listen: str, worker: WorkerState, options: ServeOptions) -> WorkerServer:
+        """Serve ``worker`` on ``listen`` with the options' token, TLS, message limit and request threads."""
+        return serve(listen, state=worker, token=options.token, tls_cert=options.tls_cert, tls_key=options.tls_key,
+                     allow_remote=options.allow_remote,
+                     max_message_bytes=options.max_message_bytes or DEFAULT_MAX_MESSAGE_BYTES,
+                     max_workers=options.request_threads, max_inflight=options.max_inflight,
+                     spool_dir=options.spool_dir)
+
+    def worker_uri(self, host: str, port: int) -> str:
+        """``grpc://HOST:PORT`` (an IPv6 literal in brackets)."""
+        return f"grpc://{join_hostport(host, port)}"
+
+
 @hookimpl
 def register_transports(register: Register) -> None:
     """Register the ``grpc`` scheme."""
-    register("grpc", GrpcClient)
+    register("grpc", GrpcTransport())
 
 
 __all__ = ["DEFAULT_MAX_MESSAGE_BYTES", "GrpcBadRequestError", "GrpcClient", "GrpcModelNotLoadedError",
-           "GrpcTransportError",
-           "WorkerServer", "is_loopback", "serve", "split_hostport"]
-
-
-@hookimpl
-def register_commands(cli: Any) -> None:
-    """Add ``coformer worker`` (serve sub-models over gRPC)."""
-    from coformer_transports.grpc_cli import add_worker_command
-
-    add_worker_command(cli)
+           "GrpcTransport", "GrpcTransportError", "WorkerServer", "is_loopback", "serve", "split_hostport"]

@@ -2,7 +2,8 @@
 
 Each name maps to one :class:`~coformer.online.runtime.WorkerState`; requests run on the caller's
 thread pool, so N workers compute concurrently. Tensors are passed by reference; features
-still come back as fp16, exactly as over a network transport.
+still come back as fp16, exactly as over a network transport. It connects only: there is no
+wire, so it cannot serve a worker to another process (``coformer worker`` refuses it).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from urllib.parse import urlparse
 from coformer.backbone import Batch
 from coformer.hookspecs import Register, hookimpl
 from coformer.online.runtime import WorkerState
-from coformer.transport import InferResult, SubModelArtifact, WorkerClient
+from coformer.transport import InferResult, SubModelArtifact, Transport, WorkerClient
 
 _workers: dict[str, WorkerState] = {}
 _lock = threading.Lock()
@@ -66,7 +67,15 @@ class InProcessClient(WorkerClient):
         return self.state.info()
 
 
+class InProcessTransport(Transport):
+    """``inproc://NAME``: connects to the in-process worker of that name."""
+
+    def connect(self, uri: str) -> InProcessClient:
+        """A client for the in-process worker ``uri`` names (created on first use)."""
+        return InProcessClient(uri)
+
+
 @hookimpl
 def register_transports(register: Register) -> None:
     """Register the ``inproc`` scheme."""
-    register("inproc", InProcessClient)
+    register("inproc", InProcessTransport())

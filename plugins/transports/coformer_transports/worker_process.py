@@ -12,13 +12,14 @@ import time
 from pathlib import Path
 
 
-def start_worker(*args: str, listen: str = "127.0.0.1:0", env: dict[str, str] | None = None,
+def start_worker(*args: str, listen: str = "127.0.0.1:0", transport: str = "grpc", env: dict[str, str] | None = None,
                  startup_timeout_s: float = 60.0) -> tuple[subprocess.Popen[str], str]:
-    """Start ``coformer worker --listen LISTEN ARGS…``; returns the process and its ``grpc://`` URI.
+    """Start ``coformer worker --transport TRANSPORT --listen LISTEN ARGS…``; returns the process and its URI.
 
     Raises :class:`RuntimeError` with the worker's output if it does not announce itself in time.
     """
-    cmd = [sys.executable, "-c", "from coformer.cli import main; main()", "worker", "--listen", listen, *args]
+    cmd = [sys.executable, "-c", "from coformer.cli import main; main()", "worker", "--transport", transport,
+           "--listen", listen, *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"})
     assert proc.stdout is not None
