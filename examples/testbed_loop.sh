@@ -44,7 +44,8 @@ cf testbed up --devices "$DEVICES" --cores "$CORES" --rate 1000mbit --state "$ST
 IFS=, read -ra DEVS <<< "$DEVICES"
 for i in "${!DEVS[@]}"; do
   dev=${DEVS[$i]}
-  uri=$("$PY" -c "import json,sys; print('grpc://%s:%d' % (lambda w: (w['ns_ip'], w['port']))(json.load(open(sys.argv[1]))['workers'][$i]))" "$STATE")
+  # the worker's URI as its transport forms it (the testbed records which transport serves it)
+  uri=$("$PY" -c "import sys; from coformer.experiments.testbed import Testbed; print(Testbed.load(sys.argv[1]).uris[$i])" "$STATE")
   cf profile --device-name "$dev" --worker "$uri" --shapes "$SHAPES" --out "$OUT/profiles/$dev.json"
 done
 cf testbed down --state "$STATE"
