@@ -158,3 +158,11 @@ def test_real_all_mpnet_base_v2_matches_transformers() -> None:
     # a sentence embedding model: the paraphrase is far closer than the unrelated sentence
     cos = torch.nn.functional.cosine_similarity
     assert cos(feats[0], feats[1], dim=0) > cos(feats[0], feats[2], dim=0) + 0.3
+
+
+def test_calibration_uses_the_validation_chosen_learning_rate() -> None:
+    from coformer.offline.booster import BoosterConfig
+
+    config = BoosterConfig.for_backbone(coformer.create_backbone("mpnet"), seed=0)
+    assert (config.lr, config.lr_schedule) == (5e-5, "cosine")  # BENCHMARKS: 3e-4 collapses two sub-models
+    assert BoosterConfig.for_backbone(coformer.create_backbone("mpnet"), lr=1e-4).lr == 1e-4  # the caller's wins
