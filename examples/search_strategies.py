@@ -45,7 +45,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     import coformer
-    from coformer.cli.plan import training_subset, validation_task
+    from coformer.offline.plan_stage import training_subset, validation_task
     from coformer.offline.evaluator import Evaluator
     from coformer.offline.profiler import reference_input
     from coformer.spec import resolve_devices

@@ -75,7 +75,7 @@ def test_coformer_plan_stores_the_importance_topology_and_proxy_it_searched_with
     from click.testing import CliRunner
 
     from coformer.cli import build_cli
-    from coformer.cli.plan import training_subset
+    from coformer.offline.plan_stage import training_subset
     from coformer.offline.importance import IMPORTANCE_SAMPLES
 
     out = tmp_path / "planned"

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 import coformer
-from coformer.cli.plan import validation_task
+from coformer.offline.plan_stage import validation_task
 from coformer.data import SPLIT_SEED, load_bbc_news
 from coformer.experiments.demo import default_dataset
 
