@@ -29,6 +29,7 @@ from coformer.offline.booster import BoosterConfig
 from coformer.offline.calibrate import (
     DEFAULT_DEVICES,
     Calibrated,
+    calibrate_compressed,
     calibrate_policy,
     calibrate_stage,
     package_stage,
@@ -36,7 +37,7 @@ from coformer.offline.calibrate import (
     searched_plan,
     text_or_image_options,
 )
-from coformer.offline.compressed import COMPRESSED_DIR, compressed_policy
+from coformer.offline.compressed import COMPRESSED_DIR
 from coformer.data import RawDataset
 from coformer.offline.data_choice import choose_dataset
 from coformer.measure import count_flops, count_params
@@ -189,7 +190,7 @@ def run_demo(
     one = teacher.test.batch([0])
     cal = calibrate_stage(backbone, teacher, config=config, plan=plan, devices=devices, layers=layers,
                           aggregator_name=aggregator_name)
-    policy, search, importance = cal.policy, cal.search, cal.importance
+    policy = cal.policy
     submodels, students, aggregator, costs = cal.submodels, cal.students, cal.aggregator, cal.costs
     feats = {"test": cal.test_features, "val": cal.val_features}
     distil = f", feature distillation β={config.feature_weight:g}" if config.feature_weight else ""
@@ -230,9 +231,7 @@ def run_demo(
     record = plan_meta["teacher"]
     shutil.rmtree(Path(out) / COMPRESSED_DIR, ignore_errors=True)  # never leave a stale one beside a new plan
     if compressed:
-        c_cal = calibrate_policy(backbone, teacher, compressed_policy(backbone, teacher, policy.devices,
-                                                                      layers=layers, search=search),
-                                 config, aggregator_name, importance=importance)
+        c_cal = calibrate_compressed(backbone, teacher, cal, config, aggregator_name, layers=layers)
         c_fig = _compressed_figures(c_cal, teacher, latency_repeats)
         package_stage(Path(out) / COMPRESSED_DIR, backbone, teacher, c_cal,
                       {**plan_meta, "figures": {"compressed": c_fig.to_dict()}})

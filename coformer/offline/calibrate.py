@@ -9,6 +9,7 @@ and trains the aggregator; :func:`package_stage` writes the packaged plan direct
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -20,7 +21,7 @@ from coformer.aggregator import Aggregator
 from coformer.artifacts import save_plan
 from coformer.backbone import Backbone, SubModel
 from coformer.offline.booster import BoosterConfig, calibrate, submodel_features, train_aggregator
-from coformer.offline.compressed import search_settings
+from coformer.offline.compressed import COMPRESSED_DIR, compressed_policy, search_settings
 from coformer.data import RawDataset
 from coformer.offline.decompose import proportional_specs
 from coformer.heads import StudentHead, head_input_dim
@@ -135,6 +136,15 @@ def package_stage(out: str | Path, backbone: Backbone, teacher: Teacher, cal: Ca
                      meta={**meta, "policy": cal.policy.to_dict()})
 
 
+def calibrate_compressed(backbone: Backbone, teacher: Teacher, cal: Calibrated, config: BoosterConfig,
+                         aggregator_name: str, *, layers: int | None = None) -> Calibrated:
+    """The single-model alternative to ``cal``: one sub-model for its strongest device, shaped by the same
+    rule with N = 1 (the same search, or the proportional rule with the same ``layers``), calibrated with
+    the same settings and the same unit importance."""
+    policy = compressed_policy(backbone, teacher, cal.policy.devices, layers=layers, search=cal.search)
+    return calibrate_policy(backbone, teacher, policy, config, aggregator_name, importance=cal.importance)
+
+
 def text_or_image_options(backbone: Backbone, load_options: dict[str, Any] | None, *, max_length: int | None,
                           img_size: int | None) -> dict[str, Any]:
     """``load_options`` with the input size for the backbone's modality (tokens, or pixels per side)."""
@@ -151,8 +161,12 @@ def run_calibrate(*, data: RawDataset, out: str | Path, backbone_name: str | Non
                   devices: Sequence[str] | str = DEFAULT_DEVICES, aggregator_name: str = defaults.AGGREGATOR,
                   config: BoosterConfig | None = None, booster_overrides: dict[str, Any] | None = None,
                   max_length: int | None = None, img_size: int | None = None, layers: int | None = None,
-                  seed: int = 0, progress: Callable[[str, int, int], None] | None = None) -> Path:
+                  seed: int = 0, progress: Callable[[str, int, int], None] | None = None,
+                  compressed: bool = False) -> Path:
     """``coformer calibrate``: fit the teacher's head on ``data`` (cached), calibrate, package to ``out``.
+
+    ``compressed`` also packages the single-model alternative (:func:`calibrate_compressed`) into
+    ``out/compressed/``, which ``coformer bench`` runs beside CoFormer.
 
     Backbone, source and ``max_length`` default to what the plan recorded (``coformer plan``
     writes them); calibration runs on ``data`` (the command defaults it to the plan's ``dataset``).
@@ -171,10 +185,19 @@ def run_calibrate(*, data: RawDataset, out: str | Path, backbone_name: str | Non
     with torch.inference_mode():
         val_acc = accuracy(cal.aggregator(cal.val_features), teacher.val.labels)
         teacher_val = accuracy(teacher.val_logits, teacher.val.labels)
-    meta = {**plan_record(backbone_name, source, options, data, teacher), "seed": seed,
+    record = plan_record(backbone_name, source, options, data, teacher)
+    meta = {**record, "seed": seed,
             "booster": {k: str(v) for k, v in vars(config).items()}, "searched": _search_summary(doc),
             "figures": {"teacher": {"val_accuracy": round(teacher_val, 2)},
                         "coformer": {"val_accuracy": round(val_acc, 2), "aggregator": aggregator_name}}}
+    shutil.rmtree(Path(out) / COMPRESSED_DIR, ignore_errors=True)  # never leave a stale one beside a new plan
+    if compressed:
+        alone = calibrate_compressed(backbone, teacher, cal, config, aggregator_name, layers=layers)
+        with torch.inference_mode():
+            alone_val = accuracy(alone.aggregator(alone.val_features), teacher.val.labels)
+        package_stage(Path(out) / COMPRESSED_DIR, backbone, teacher, alone,
+                      {**record, "figures": {"compressed": {"val_accuracy": round(alone_val, 2),
+                                                            "device": alone.policy.devices[0].name}}})
     return package_stage(out, backbone, teacher, cal, meta)
 
 
