@@ -20,12 +20,15 @@ import os
 import struct
 import threading
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, TypeVar
 
 import torch
 from torch import nn
 
 from coformer.transport import BadRequestError
+
+#: A module type: what :func:`materialise` builds is what its factory returns.
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 #: Safetensors' dtype names for the torch dtypes a sub-model can hold.
 SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
@@ -327,8 +330,8 @@ def admit_memory(needed: int, budget: int, used: int, what: str = "sub-model",
                                 f"available; {hint}", needed, available)
 
 
-def materialise(factory: Callable[[], nn.Module], weights: bytes | str | Path,
-                cancel: threading.Event | None = None) -> nn.Module:
+def materialise(factory: Callable[[], ModuleT], weights: bytes | str | Path,
+                cancel: threading.Event | None = None) -> ModuleT:
     """Build the real module and fill it from safetensors bytes or a file, one tensor at a time.
 
     Call only after admission. ``cancel`` is checked between tensors; when set the partial

@@ -308,8 +308,3 @@ def load_named(name: str, **options: Any) -> RawDataset:
     source.uri = name
     return source.load()
 
-
-def load_bbc_news(root: str | Path | None = None, *,
-                  fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)) -> RawDataset:
-    """BBC News with a fixed stratified 60/20/20 split: ``load_dataset("bbc_news")`` for older callers."""
-    return load_named("bbc_news", root=Path(root) if root is not None else None, seed=SPLIT_SEED, fractions=fractions)

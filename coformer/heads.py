@@ -6,7 +6,7 @@ import copy
 import json
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Sequence, cast
 
 import torch
 from torch import Tensor, nn
@@ -22,6 +22,7 @@ class ClassifierHead(nn.Module):
         self.cfg = {"in_dim": in_dim, "num_labels": num_labels, "norm": norm, "norm_eps": norm_eps,
                     "hidden": hidden, "activation": activation}
         self.norm = nn.LayerNorm(in_dim, eps=norm_eps) if norm else nn.Identity()
+        self.hidden: nn.Module
         if hidden:
             act = {"tanh": nn.Tanh(), "gelu": nn.GELU(), "relu": nn.ReLU()}[activation]
             self.hidden = nn.Sequential(nn.Linear(in_dim, hidden), act)
@@ -68,8 +69,9 @@ class MeanOfLinears(nn.Module):
         part_in, self.out_features = shapes.pop()
         self.in_features = part_in * self.parts if split_input else part_in
         for i, lin in enumerate(linears):
-            self.register_parameter(f"weight_{i}", lin.weight)
-            self.register_parameter(f"bias_{i}", lin.bias)
+            # the Linear's own Parameter objects: this module and the Linears train the same tensors
+            self.register_parameter(f"weight_{i}", cast(nn.Parameter, lin.weight))
+            self.register_parameter(f"bias_{i}", cast(nn.Parameter, lin.bias))
 
     def _weights(self) -> list[Tensor]:
         return [getattr(self, f"weight_{i}") for i in range(self.parts)]

@@ -144,7 +144,7 @@ def check_batch(batch: Batch, model: nn.Module, limits: RequestLimits) -> int:
 def rows_per_request(batch: Batch, limits: list[dict[str, Any]]) -> int:
     """The most examples of ``batch`` one request may carry under every worker's reported limits."""
     per_example = max(1, sum(v.element_size() * math.prod(v.shape[1:]) for v in batch.values()))
-    rows = []
+    rows: list[int] = []
     for lim in limits:
         if not lim:
             continue

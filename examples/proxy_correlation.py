@@ -99,7 +99,8 @@ def main() -> None:
 
     import coformer
     from coformer.offline.booster import BoosterConfig
-    from coformer.data import TensorDataset, load_bbc_news
+    from coformer.data import TensorDataset
+    from coformer_datasets.bbc_news import load_bbc_news
     from coformer.offline.evaluator import Evaluator
     from coformer.offline.importance import IMPORTANCE_SAMPLES, shared_importance
     from coformer.offline.pipeline import prepare_teacher

@@ -18,7 +18,8 @@ from coformer.experiments.bench import accuracy_of, teacher_logits
 from coformer.offline.booster import BoosterConfig
 from coformer.cli import build_cli
 from coformer.offline.compressed import COMPRESSED_DIR, strongest_device
-from coformer.data import RawDataset, RawSplit, load_bbc_news
+from coformer.data import RawDataset, RawSplit
+from coformer_datasets.bbc_news import load_bbc_news
 from coformer.experiments.demo import default_dataset, run_demo
 from coformer.offline.pipeline import encode, prepare_teacher, teacher_sha256
 from coformer.spec import resolve_devices

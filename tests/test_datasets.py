@@ -220,7 +220,7 @@ def test_caps_keep_class_proportions() -> None:
 # ----------------------------------------------------------------------------- built-in named data sets
 
 def test_bbc_news_split_is_fixed_and_the_old_entry_point_matches() -> None:
-    from coformer.data import load_bbc_news
+    from coformer_datasets.bbc_news import load_bbc_news
 
     data = coformer.load_dataset("bbc_news")
     assert data.name == "bbc_news" and data.classes == ["business", "entertainment", "politics", "sports", "tech"]

@@ -10,7 +10,8 @@ import coformer
 from coformer import hookimpl
 from coformer.artifacts import load_plan
 from coformer.offline.booster import BoosterConfig
-from coformer.data import RawSplit, load_bbc_news
+from coformer.data import RawSplit
+from coformer_datasets.bbc_news import load_bbc_news
 from coformer.experiments.demo import load_policy, render, run_demo
 from coformer.plan_document import write_plan_document
 from coformer.spec import ConstraintError, Policy, SubModelSpec, resolve_devices

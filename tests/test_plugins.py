@@ -353,3 +353,21 @@ def test_every_registered_transport_round_trips(info, tiny_submodels, request):
             client.infer("0" * 64, batch)
     finally:
         client.close()
+
+
+def test_the_core_names_no_plugin_outside_its_defaults() -> None:
+    """Every plugin name as a string in core code (docstrings aside) lives in coformer/defaults.py."""
+    core = Path(coformer.__file__).parent
+    names = {p.name for p in coformer.list_plugins()}
+    found = []
+    for path in sorted(core.rglob("*.py")):
+        if path.name == "defaults.py":
+            continue
+        tree = ast.parse(path.read_text())
+        docstrings = {id(n.body[0].value) for n in ast.walk(tree)
+                      if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                      and n.body and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+        found += [f"{path.relative_to(core)}:{n.lineno} {n.value!r}" for n in ast.walk(tree)
+                  if isinstance(n, ast.Constant) and isinstance(n.value, str) and n.value in names
+                  and id(n) not in docstrings]
+    assert not found, f"plugin names in the core (move them to coformer/defaults.py): {found}"

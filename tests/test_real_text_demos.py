@@ -15,7 +15,8 @@ import pytest
 from rich.console import Console
 
 from coformer.offline.booster import BoosterConfig
-from coformer.data import RawSplit, load_bbc_news
+from coformer.data import RawSplit
+from coformer_datasets.bbc_news import load_bbc_news
 from coformer.experiments.demo import run_demo
 from coformer_backbones import mpnet_assets
 

@@ -8,7 +8,8 @@ import pytest
 
 import coformer
 from coformer.offline.plan_stage import validation_task
-from coformer.data import SPLIT_SEED, load_bbc_news
+from coformer.data import SPLIT_SEED
+from coformer_datasets.bbc_news import load_bbc_news
 from coformer.experiments.demo import default_dataset
 
 

@@ -206,6 +206,11 @@ def _memory(module: nn.Module, call: Callable[[], Any]) -> int:
     return state_bytes(module) + peak_activation_bytes(call)
 
 
+def _call(module: nn.Module, inputs: Batch) -> Callable[[], Any]:
+    """``module(**inputs)`` as a call to measure."""
+    return lambda: module(**inputs)
+
+
 def _strongest(devices: Sequence[DeviceProfile]) -> int:
     return max(range(len(devices)), key=lambda i: devices[i].gflops)
 
@@ -270,6 +275,7 @@ class PipelineSplit(Method):
     def _stage_input(self, k: int, batch: Batch, hidden: Tensor | None) -> Batch:
         if k == 0:
             return batch
+        assert hidden is not None, "every stage after the first takes the previous stage's output"
         keys = self.stages[self.order[k]].config.get("stage_inputs", [])
         return {"hidden_states": hidden, **{key: batch[key] for key in keys if key in batch}}
 
@@ -284,6 +290,8 @@ class PipelineSplit(Method):
             rounds.append([Exchange(self.names[i], inputs, _numel(res.features), res.compute_ms,
                                     (time.perf_counter() - t) * 1000, res.serialize_ms)])
             hidden = res.features
+        if hidden is None:
+            raise RuntimeError("the pipeline has no stages")
         t0 = time.perf_counter()
         with torch.inference_mode():
             logits = self.head(hidden.float())
@@ -296,6 +304,8 @@ class PipelineSplit(Method):
         with torch.inference_mode():
             for k, i in enumerate(self.order):
                 hidden = self.stages[i](**self._stage_input(k, batch, hidden)).half()
+        if hidden is None:
+            raise RuntimeError("the pipeline has no stages")
         return hidden.float()
 
     def module_memory(self, batch: Batch) -> dict[str, int]:
@@ -304,7 +314,7 @@ class PipelineSplit(Method):
         with torch.inference_mode():
             for k, i in enumerate(self.order):
                 inputs = self._stage_input(k, batch, hidden)
-                out[self.names[i]] = _memory(self.stages[i], lambda m=self.stages[i], x=inputs: m(**x))
+                out[self.names[i]] = _memory(self.stages[i], _call(self.stages[i], inputs))
                 hidden = self.stages[i](**inputs).half()
         return out
 
@@ -398,8 +408,8 @@ class TensorParallelSplit(Method):
         extra = {k: batch[k] for k in self.host.shard_inputs if k in batch}
         out = {}
         for i, shard in self.shards.items():
-            peaks = [peak_activation_bytes(lambda p=p, s=shard: s(hidden_states=x, layer=torch.tensor(0),
-                                                                  phase=torch.tensor(p), **extra))
+            peaks = [peak_activation_bytes(_call(shard, {"hidden_states": x, "layer": torch.tensor(0),
+                                                         "phase": torch.tensor(p), **extra}))
                      for p in range(self.host.phases)]
             out[self.names[i]] = state_bytes(shard) + max(peaks)
         return out
@@ -462,7 +472,7 @@ class CoFormerMethod(Method):
                 m = create("backbone", art.config["backbone"]).build_submodel(art.config)
                 m.load_state_dict(st_load(art.weights))
                 self.submodels.append(m.eval())
-        return {self.names[i]: _memory(m, lambda m=m: m(**batch)) for i, m in enumerate(self.submodels)}
+        return {self.names[i]: _memory(m, _call(m, batch)) for i, m in enumerate(self.submodels)}
 
     def close(self) -> None:
         """Stop the coordinator's fan-out pool without closing the shared clients."""

@@ -188,8 +188,9 @@ def up(devices: Sequence[str | DeviceProfile], rates: Sequence[str | float], *, 
     reason = unavailable_reason()
     if reason:
         raise TestbedError(reason)
-    profiles = [BUILTIN_DEVICES[d] if isinstance(d, str) and d in BUILTIN_DEVICES else d for d in devices]
-    unknown = [d for d in profiles if not isinstance(d, DeviceProfile)]
+    named = [BUILTIN_DEVICES[d] if isinstance(d, str) and d in BUILTIN_DEVICES else d for d in devices]
+    profiles = [d for d in named if isinstance(d, DeviceProfile)]
+    unknown = [d for d in named if not isinstance(d, DeviceProfile)]
     if unknown:
         raise ValueError(f"unknown devices {unknown}; built-in devices: {', '.join(BUILTIN_DEVICES)}")
     if not profiles:

@@ -24,7 +24,7 @@ from coformer.offline.booster import BoosterConfig, calibrate, submodel_features
 from coformer.offline.compressed import COMPRESSED_DIR, compressed_policy, search_settings
 from coformer.data import RawDataset
 from coformer.offline.decompose import proportional_specs
-from coformer.heads import StudentHead, head_input_dim
+from coformer.heads import ClassifierHead, StudentHead, head_input_dim
 from coformer.offline.pipeline import (
     Teacher,
     accuracy,
@@ -131,8 +131,12 @@ def plan_record(backbone_name: str, source: str | None, load_options: dict[str, 
 def package_stage(out: str | Path, backbone: Backbone, teacher: Teacher, cal: Calibrated,
                   meta: dict[str, Any]) -> Path:
     """Write ``cal`` as a packaged plan directory (``plan.json`` stage ``packaged`` + safetensors)."""
-    return save_plan(out, submodels=cal.submodels, aggregator=cal.aggregator,
-                     task_head=backbone.task_head(teacher.model), student_heads=cal.students,
+    head = backbone.task_head(teacher.model)
+    if not isinstance(head, ClassifierHead):
+        raise TypeError(f"a plan packages a ClassifierHead as the task head; {backbone.name}'s is a "
+                        f"{type(head).__name__} (load the teacher with num_labels=N)")
+    return save_plan(out, submodels=cal.submodels, aggregator=cal.aggregator, task_head=head,
+                     student_heads=cal.students,
                      meta={**meta, "policy": cal.policy.to_dict()})
 
 

@@ -12,7 +12,7 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, cast
 
 import torch
 from torch import Tensor, nn
@@ -28,7 +28,7 @@ def encode(backbone: Backbone, model: nn.Module, split: RawSplit, batch_size: in
     """Turn a raw split into model-ready tensors with ``backbone.prepare``."""
     parts: list[Batch] = []
     for start in range(0, len(split.examples), batch_size):
-        parts.append(backbone.prepare(model, split.examples[start:start + batch_size]))
+        parts.append(backbone.prepare(model, cast(Sequence[Any], split.examples[start:start + batch_size])))
     inputs = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
     return TensorDataset(inputs, torch.tensor(split.labels, dtype=torch.long))
 
@@ -50,8 +50,8 @@ def accuracy(logits: Tensor, labels: Tensor) -> float:
     return float((logits.argmax(-1) == labels).float().mean() * 100)
 
 
-def fit_head(head: ClassifierHead, features: Tensor, labels: Tensor, *, epochs: int = 300, lr: float = 1e-2,
-             weight_decay: float = 1e-4, seed: int = 0) -> ClassifierHead:
+def fit_head(head: nn.Module, features: Tensor, labels: Tensor, *, epochs: int = 300, lr: float = 1e-2,
+             weight_decay: float = 1e-4, seed: int = 0) -> nn.Module:
     """Train a task head on frozen features (full-batch AdamW; deterministic given ``seed``)."""
     torch.manual_seed(seed)
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)

@@ -47,6 +47,11 @@ def _xy(records: Sequence[ProfileRecord]) -> tuple[Tensor, Tensor]:
 class LatencyPredictor(nn.Module):
     """f(l, d, h̄, D̄) → latency in ms on one device: Linear-ReLU-Linear-ReLU-Linear, 600 hidden."""
 
+    x_mean: Tensor
+    x_std: Tensor
+    y_mean: Tensor
+    y_std: Tensor
+
     def __init__(self, device: str = "device", hidden: int = HIDDEN, *, log_target: bool = True):
         super().__init__()
         self.device_name = device

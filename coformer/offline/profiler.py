@@ -26,12 +26,12 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, cast
 
 import torch
 from torch import nn
 
-from coformer.backbone import Backbone, Batch
+from coformer.backbone import Backbone, Batch, SubModel
 from coformer.cpu_quota import CGROUP_CPU_ROOT, cfs_limit
 from coformer.data import RawDataset
 from coformer.spec import ModelShape, SubModelSpec, UnitSelection
@@ -171,8 +171,10 @@ def _progress(total: int, description: str, enabled: bool):
     return progress, description
 
 
-def _submodule(backbone: Backbone, teacher: nn.Module, spec: SubModelSpec) -> nn.Module:
-    return backbone.slice(teacher, first_k_selection(backbone.shape(teacher), spec)).eval()
+def _submodule(backbone: Backbone, teacher: nn.Module, spec: SubModelSpec) -> SubModel:
+    sub = backbone.slice(teacher, first_k_selection(backbone.shape(teacher), spec))
+    sub.eval()
+    return sub
 
 
 def profile_local(backbone: Backbone, teacher: nn.Module, specs: Sequence[SubModelSpec], *, device: str,
@@ -316,7 +318,7 @@ def reference_input(backbone: Backbone, teacher: nn.Module, data: RawDataset | N
 
         data = choose_dataset(None, backbone.modality)
     if data is not None:
-        return backbone.prepare(teacher, data.val.examples[:1])
+        return backbone.prepare(teacher, cast(Sequence[Any], data.val.examples[:1]))
     return backbone.example_batch(teacher, batch_size=1)
 
 

@@ -217,6 +217,6 @@ class SearchStrategy(ABC):
                 + "; ".join(sorted(reasons)[:3])
                 + ". Relax the device budgets (latency_budget_ms / flops_budget_g / memory_gb) or use "
                   "fewer/smaller devices")
-        best = min(done, key=lambda r: r.psi)
+        best = min(done, key=lambda r: math.inf if r.psi is None else r.psi)
         policy = Policy.from_dict(best.policy)
         return SearchResult(self.name, policy, evaluator.evaluate(policy), records)

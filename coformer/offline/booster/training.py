@@ -140,4 +140,8 @@ def teacher_features(backbone: Backbone, teacher: nn.Module, data: TensorDataset
 
 def submodel_features(submodels: Sequence[nn.Module], data: TensorDataset, batch_size: int = 64) -> list[Tensor]:
     """Every sub-model's features over ``data`` in order: one float32 ``[M, d_n]`` tensor each (eval mode)."""
-    return [_eval_pass(m, data, batch_size, lambda b, m=m: m(**b).float()) for m in submodels]
+    return [_eval_pass(m, data, batch_size, _float_output(m)) for m in submodels]
+
+
+def _float_output(model: nn.Module) -> Callable[[Batch], Tensor]:
+    return lambda batch: model(**batch).float()

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from coformer.data import DatasetSource, DatasetUnavailableError, LabelledExamples
+from coformer.data import SPLIT_SEED, DatasetSource, DatasetUnavailableError, LabelledExamples, RawDataset, load_named
 from coformer.hookspecs import Register, hookimpl
 
 
@@ -50,6 +50,12 @@ class BbcNews(DatasetSource):
                 labels.append(y)
         return LabelledExamples(classes, texts, labels)
 
+
+
+def load_bbc_news(root: str | Path | None = None, *,
+                  fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)) -> RawDataset:
+    """BBC News with the fixed stratified 60/20/20 split every stage uses (``load_dataset("bbc_news")``)."""
+    return load_named("bbc_news", root=Path(root) if root is not None else None, seed=SPLIT_SEED, fractions=fractions)
 
 @hookimpl
 def register_datasets(register: Register) -> None:
