@@ -2,6 +2,9 @@
 
 Notation follows the seed paper: a teacher of shape {L, d, h, D} is decomposed into N
 sub-models C_n = (l_n, d_n, h_n[1..l_n], D_n[1..l_n]).
+
+(About 430 lines, over the layout's 400: the value types and the constraint checks that read
+them change together, and every layer imports them from this one bottom module.)
 """
 
 from __future__ import annotations
@@ -222,6 +225,13 @@ def load_devices(source: str | Path) -> list[DeviceProfile]:
             )
         devices.append(DeviceProfile(**entry))
     return devices
+
+
+def strongest_index(devices: Sequence[DeviceProfile]) -> int:
+    """Index of the device with the most compute (GFLOPS; the first on a tie): where a single model runs."""
+    if not devices:
+        raise ValueError("no devices: a policy needs at least one")
+    return max(range(len(devices)), key=lambda i: devices[i].gflops)
 
 
 def resolve_devices(names_or_file: str | Sequence[str]) -> list[DeviceProfile]:

@@ -36,7 +36,7 @@ import coformer
 from coformer.artifacts import submodel_artifact
 from coformer.offline.decompose import proportional_specs
 from coformer.heads import StudentHead
-from coformer.online.runtime import Coordinator, RecoveryPolicy
+from coformer.online.coordinator import Coordinator, RecoveryPolicy
 from coformer_transports.fuzz import PHASES, WorkerFuzzer
 from coformer_transports.grpc_transport import GrpcClient
 from coformer_transports.worker_process import peak_rss_bytes, reset_peak_rss, rss_bytes, start_worker, stop_worker

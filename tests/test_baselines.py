@@ -8,13 +8,8 @@ import pytest
 import torch
 
 import coformer
-from coformer.experiments.baselines import (
-    PipelineSplit,
-    TeacherAlone,
-    TensorParallelSplit,
-    contiguous,
-    proportional_split,
-)
+from coformer.experiments.baselines import TeacherAlone, contiguous, proportional_split
+from coformer.experiments.split_baselines import PipelineSplit, TensorParallelSplit
 from coformer.spec import BUILTIN_DEVICES
 from coformer.transport import encode_batch
 

@@ -12,7 +12,8 @@ from click.testing import CliRunner
 
 import coformer
 from coformer.artifacts import load_plan, save_plan
-from coformer.experiments.bench import BenchConfig, BenchSetup, make_sample, percentile, run_bench, write_outputs
+from coformer.experiments.bench import BenchConfig, BenchSetup, make_sample, percentile, run_bench
+from coformer.experiments.bench_report import write_outputs
 from coformer.data import TensorDataset
 from coformer.offline.decompose import proportional_specs
 from coformer.offline.pipeline import teacher_record

@@ -27,7 +27,7 @@ import coformer
 from coformer.artifacts import load_plan, save_plan
 from coformer.heads import StudentHead
 from coformer.limits import RequestLimits
-from coformer.online.runtime import Coordinator
+from coformer.online.coordinator import Coordinator
 from coformer.transport import BadRequestError, SubModelArtifact, TransportError, encode_batch
 from coformer_transports.grpc_transport import (
     GrpcBadRequestError,

@@ -163,7 +163,7 @@ def test_every_hook_of_a_runtime_plugin_is_used(recorder):
 
     # transport by scheme + aggregator from the same plugin, through the runtime
     from coformer.artifacts import submodel_artifact
-    from coformer.online.runtime import Coordinator
+    from coformer.online.coordinator import Coordinator
 
     agg = coformer.create_aggregator("first_present", feature_dims=[m.feature_dim for m in subs],
                                      embed_dim=32, task_head=backbone.task_head(teacher),

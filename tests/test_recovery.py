@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from coformer.limits import RequestLimits
-from coformer.online.runtime import Coordinator, RecoveryPolicy
+from coformer.online.coordinator import Coordinator, RecoveryPolicy
 from coformer.transport import WorkerClient
 from coformer_transports.grpc_transport import GrpcClient, serve
 from coformer_transports.worker_process import start_worker, stop_worker

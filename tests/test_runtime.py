@@ -13,7 +13,8 @@ from coformer.aggregator import MissingFeaturesError
 from coformer.artifacts import ArtifactError, load_plan, save_plan, submodel_artifact
 from coformer.offline.decompose import proportional_specs
 from coformer.heads import StudentHead
-from coformer.online.runtime import Coordinator, WorkerState
+from coformer.online.coordinator import Coordinator
+from coformer.online.worker_state import WorkerState
 from coformer.transport import BadRequestError, decode_features, encode_features
 from coformer_transports import inprocess
 

@@ -35,7 +35,7 @@ from coformer.online.serve import (
     serving_transport,
     serving_transports,
 )
-from coformer.online.runtime import WorkerState
+from coformer.online.worker_state import WorkerState
 from coformer.transport import FactoryTransport, InferResult, SubModelArtifact, Transport, WorkerClient, get_transport
 from coformer_transports.worker_process import start_worker, stop_worker
 

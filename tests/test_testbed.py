@@ -15,7 +15,7 @@ import torch
 from click.testing import CliRunner
 
 import coformer
-from coformer.online.runtime import Coordinator
+from coformer.online.coordinator import Coordinator
 from coformer.spec import BUILTIN_DEVICES
 from coformer.cpu_quota import CFS_PERIOD_US, cfs_limit
 from coformer import defaults

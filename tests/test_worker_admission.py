@@ -21,7 +21,8 @@ from safetensors.torch import save as st_save
 from coformer.admission import AdmissionError, LoadCancelledError, MemoryBudgetError, build_on_meta, safetensors_header
 from coformer.artifacts import ArtifactError, load_plan, save_plan, submodel_artifact
 from coformer.limits import RequestLimits, RequestTooLargeError
-from coformer.online.runtime import Coordinator, WorkerState
+from coformer.online.coordinator import Coordinator
+from coformer.online.worker_state import WorkerState
 from coformer.transport import BadRequestError, ModelNotLoadedError, SubModelArtifact, sha256
 from coformer_transports.grpc_transport import GrpcBadRequestError, GrpcClient, GrpcTransportError, serve
 from coformer_transports.proto import coformer_pb2 as pb

@@ -124,7 +124,7 @@ def infer_cmd(plan_dir: str, workers: str, input_file: str | None, texts: tuple[
               deadline: float, max_inflight: int, retries: int, as_json: bool) -> None:
     """Deploy a plan to workers and answer requests, with the t1/t2/t3 breakdown per device."""
     from coformer.artifacts import ArtifactError, load_plan
-    from coformer.online.runtime import Coordinator, RecoveryPolicy
+    from coformer.online.coordinator import Coordinator, RecoveryPolicy
 
     try:
         plan = load_plan(plan_dir)

@@ -2,17 +2,8 @@
 
 * :class:`TeacherAlone` — the whole teacher as one sub-model on the strongest device; its task
   head runs at the coordinator.
-* :class:`PipelineSplit` — the teacher's layers cut into consecutive stages, one per device,
-  sized in proportion to device speed and run in sequence. Hidden states travel device → device
-  *through the coordinator*: stage n's output comes back to the coordinator, which sends it to
-  stage n+1. On a star network (the emulated testbed: every device has its own link to the
-  central node) that is exactly the path a device-to-device transfer takes, crossing the sender's
-  link and then the receiver's.
-* :class:`TensorParallelSplit` — Megatron/Galaxy style: every layer's heads and MLP neurons split
-  across devices in proportion to speed. For every layer the coordinator sends the hidden state
-  to every device twice (attention, then MLP), sums the partial outputs and applies residual,
-  bias and LayerNorm: two rounds of communication per layer.
-* :class:`CoFormerMethod` — a plan's sub-models through the real :class:`~coformer.online.runtime.Coordinator`.
+* the pipeline and tensor-parallel splits (:mod:`coformer.experiments.split_baselines`);
+* :class:`CoFormerMethod` — a plan's sub-models through the real :class:`~coformer.online.coordinator.Coordinator`.
 
 Each request returns a :class:`Trace`: logits, end-to-end time, and every exchange with its
 payload bytes (serialized request batch + fp16 response), the worker-reported compute time and
@@ -25,7 +16,6 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -36,8 +26,8 @@ from coformer.aggregator import Aggregator
 from coformer.artifacts import submodel_artifact
 from coformer.backbone import Backbone, Batch, SubModel
 from coformer.measure import peak_activation_bytes, state_bytes
-from coformer.online.runtime import Coordinator
-from coformer.spec import DeviceProfile, UnitSelection
+from coformer.online.coordinator import Coordinator
+from coformer.spec import DeviceProfile, UnitSelection, strongest_index
 from coformer.transport import SubModelArtifact, WorkerClient, encode_batch
 
 FP16_BYTES = 2
@@ -160,7 +150,8 @@ class Trace:
         return out
 
 
-def _numel(t: Tensor) -> int:
+def element_count(t: Tensor) -> int:
+    """Elements in ``t`` (what an fp16 reply carries, two bytes each)."""
     return int(t.numel())
 
 
@@ -202,17 +193,14 @@ class Method(ABC):
         """Release anything held beyond the clients (the caller owns the clients)."""
 
 
-def _memory(module: nn.Module, call: Callable[[], Any]) -> int:
+def memory_bytes(module: nn.Module, call: Callable[[], Any]) -> int:
+    """``module``'s weights plus the peak activation memory of ``call``."""
     return state_bytes(module) + peak_activation_bytes(call)
 
 
-def _call(module: nn.Module, inputs: Batch) -> Callable[[], Any]:
+def deferred_call(module: nn.Module, inputs: Batch) -> Callable[[], Any]:
     """``module(**inputs)`` as a call to measure."""
     return lambda: module(**inputs)
-
-
-def _strongest(devices: Sequence[DeviceProfile]) -> int:
-    return max(range(len(devices)), key=lambda i: devices[i].gflops)
 
 
 class TeacherAlone(Method):
@@ -223,7 +211,7 @@ class TeacherAlone(Method):
     def __init__(self, backbone: Backbone, teacher: nn.Module, clients: Sequence[WorkerClient],
                  devices: Sequence[DeviceProfile]):
         super().__init__(clients, devices)
-        self.device = _strongest(devices)
+        self.device = strongest_index(devices)
         self.model: SubModel = backbone.slice(teacher, UnitSelection.full(backbone.shape(teacher)))
         self.head = backbone.task_head(teacher).eval()
         self.artifact = submodel_artifact(self.model)
@@ -241,186 +229,16 @@ class TeacherAlone(Method):
         with torch.inference_mode():
             logits = self.head(res.features.float())
         local = (time.perf_counter() - t0) * 1000
-        ex = Exchange(self.names[self.device], batch, _numel(res.features), res.compute_ms, rtt, res.serialize_ms)
+        ex = Exchange(self.names[self.device], batch, element_count(res.features), res.compute_ms, rtt, res.serialize_ms)
         return Trace(logits, (time.perf_counter() - start) * 1000, [[ex]], local)
 
     def module_memory(self, batch: Batch) -> dict[str, int]:
         """The full model on the strongest device."""
-        return {self.names[self.device]: _memory(self.model, lambda: self.model(**batch))}
-
-
-class PipelineSplit(Method):
-    """Consecutive layers per device, in proportion to speed, run in sequence through the coordinator."""
-
-    name = "pipeline"
-
-    def __init__(self, backbone: Backbone, teacher: nn.Module, clients: Sequence[WorkerClient],
-                 devices: Sequence[DeviceProfile]):
-        super().__init__(clients, devices)
-        layers = backbone.shape(teacher).layers
-        sizes = proportional_split(layers, [d.gflops for d in devices])
-        ranges = contiguous(sizes)
-        self.order = [i for i, r in enumerate(ranges) if r]  # devices with no layer sit out
-        self.layers = {i: ranges[i] for i in self.order}
-        self.stages: dict[int, SubModel] = {
-            i: backbone.pipeline_stage(teacher, ranges[i], first=k == 0, last=k == len(self.order) - 1)
-            for k, i in enumerate(self.order)}
-        self.arts = {i: submodel_artifact(m) for i, m in self.stages.items()}
-        self.head = backbone.task_head(teacher).eval()
-
-    def artifacts(self) -> dict[int, list[SubModelArtifact]]:
-        """One stage per device that got layers."""
-        return {i: [self.arts[i]] for i in self.order}
-
-    def _stage_input(self, k: int, batch: Batch, hidden: Tensor | None) -> Batch:
-        if k == 0:
-            return batch
-        assert hidden is not None, "every stage after the first takes the previous stage's output"
-        keys = self.stages[self.order[k]].config.get("stage_inputs", [])
-        return {"hidden_states": hidden, **{key: batch[key] for key in keys if key in batch}}
-
-    def infer(self, batch: Batch, *, timeout: float = 120.0) -> Trace:
-        """One round per stage; hidden states (fp16) come back to the coordinator and go on to the next stage."""
-        start = time.perf_counter()
-        rounds, hidden = [], None
-        for k, i in enumerate(self.order):
-            inputs = self._stage_input(k, batch, hidden)
-            t = time.perf_counter()
-            res = self.clients[i].infer(self.arts[i].sha256, inputs, timeout=timeout)
-            rounds.append([Exchange(self.names[i], inputs, _numel(res.features), res.compute_ms,
-                                    (time.perf_counter() - t) * 1000, res.serialize_ms)])
-            hidden = res.features
-        if hidden is None:
-            raise RuntimeError("the pipeline has no stages")
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            logits = self.head(hidden.float())
-        local = (time.perf_counter() - t0) * 1000
-        return Trace(logits, (time.perf_counter() - start) * 1000, rounds, local)
-
-    def features_local(self, batch: Batch) -> Tensor:
-        """The stages run here in sequence with fp16 hand-over (what the workers compute)."""
-        hidden = None
-        with torch.inference_mode():
-            for k, i in enumerate(self.order):
-                hidden = self.stages[i](**self._stage_input(k, batch, hidden)).half()
-        if hidden is None:
-            raise RuntimeError("the pipeline has no stages")
-        return hidden.float()
-
-    def module_memory(self, batch: Batch) -> dict[str, int]:
-        """Each stage on its own input."""
-        out, hidden = {}, None
-        with torch.inference_mode():
-            for k, i in enumerate(self.order):
-                inputs = self._stage_input(k, batch, hidden)
-                out[self.names[i]] = _memory(self.stages[i], _call(self.stages[i], inputs))
-                hidden = self.stages[i](**inputs).half()
-        return out
-
-
-class TensorParallelSplit(Method):
-    """Every layer's heads and MLP neurons split across devices in proportion to speed; two rounds per layer."""
-
-    name = "tensor-parallel"
-
-    def __init__(self, backbone: Backbone, teacher: nn.Module, clients: Sequence[WorkerClient],
-                 devices: Sequence[DeviceProfile]):
-        super().__init__(clients, devices)
-        shape = backbone.shape(teacher)
-        speeds = [d.gflops for d in devices]
-        if shape.head_group != 1:
-            # heads sharing a key/value group must stay on one device: split whole groups
-            groups = [contiguous(proportional_split(h // shape.head_group, speeds)) for h in shape.heads]
-            heads = [[[g * shape.head_group + j for g in gs for j in range(shape.head_group)] for gs in per]
-                     for per in groups]
-        else:
-            heads = [contiguous(proportional_split(h, speeds)) for h in shape.heads]
-        neurons = [contiguous(proportional_split(m, speeds)) for m in shape.mlp]
-        self.units = {i: ([heads[k][i] for k in range(shape.layers)], [neurons[k][i] for k in range(shape.layers)])
-                      for i in range(len(devices))}
-        self.units = {i: u for i, u in self.units.items() if any(u[0]) or any(u[1])}
-        self.shards: dict[int, SubModel] = {i: backbone.tensor_shard(teacher, h, n) for i, (h, n) in self.units.items()}
-        self.arts = {i: submodel_artifact(m) for i, m in self.shards.items()}
-        self.host = backbone.tensor_host(teacher)
-        self.head = backbone.task_head(teacher).eval()
-        self._pool = ThreadPoolExecutor(max_workers=max(1, len(self.shards)), thread_name_prefix="coformer-tp")
-
-    def artifacts(self) -> dict[int, list[SubModelArtifact]]:
-        """One shard per device that got any unit."""
-        return {i: [a] for i, a in self.arts.items()}
-
-    def _active(self, layer: int, phase: int) -> list[int]:
-        return [i for i, (h, n) in self.units.items() if (h if phase == 0 else n)[layer]]
-
-    def _call(self, i: int, inputs: Batch, timeout: float) -> tuple[Any, float]:
-        t = time.perf_counter()
-        res = self.clients[i].infer(self.arts[i].sha256, inputs, timeout=timeout)
-        return res, (time.perf_counter() - t) * 1000
-
-    def infer(self, batch: Batch, *, timeout: float = 120.0) -> Trace:
-        """Embed here; per layer and phase, fan out the fp16 hidden state, sum partials, combine here."""
-        start = time.perf_counter()
-        local = 0.0
-        rounds: list[list[Exchange]] = []
-        extra = {k: batch[k] for k in self.host.shard_inputs if k in batch}
-        with torch.inference_mode():
-            t0 = time.perf_counter()
-            x = self.host.embed(batch)
-            local += (time.perf_counter() - t0) * 1000
-            for layer in range(self.host.num_layers):
-                for phase in range(self.host.phases):
-                    active = self._active(layer, phase)
-                    inputs = {"hidden_states": x.half(), "layer": torch.tensor(layer), "phase": torch.tensor(phase),
-                              **extra}
-                    futures = [self._pool.submit(self._call, i, inputs, timeout) for i in active]
-                    results = [f.result() for f in futures]
-                    t0 = time.perf_counter()
-                    partial = torch.zeros_like(x)
-                    for res, _ in results:
-                        partial += res.features.float()
-                    x = self.host.combine(layer, phase, x, partial)
-                    local += (time.perf_counter() - t0) * 1000
-                    rounds.append([Exchange(self.names[i], inputs, _numel(res.features), res.compute_ms, rtt,
-                                            res.serialize_ms) for i, (res, rtt) in zip(active, results)])
-            t0 = time.perf_counter()
-            logits = self.head(self.host.pool(x, batch))
-            local += (time.perf_counter() - t0) * 1000
-        return Trace(logits, (time.perf_counter() - start) * 1000, rounds, local)
-
-    def features_local(self, batch: Batch) -> Tensor:
-        """The same schedule run here with fp16 on every hand-over (what the workers compute)."""
-        extra = {k: batch[k] for k in self.host.shard_inputs if k in batch}
-        with torch.inference_mode():
-            x = self.host.embed(batch)
-            for layer in range(self.host.num_layers):
-                for phase in range(self.host.phases):
-                    inputs = {"hidden_states": x.half(), "layer": torch.tensor(layer), "phase": torch.tensor(phase),
-                              **extra}
-                    partial = sum((self.shards[i](**inputs).half().float() for i in self._active(layer, phase)),
-                                  torch.zeros_like(x))
-                    x = self.host.combine(layer, phase, x, partial)
-            return self.host.pool(x, batch)
-
-    def module_memory(self, batch: Batch) -> dict[str, int]:
-        """Each shard's weights + the larger peak of its layer-0 attention and MLP calls."""
-        x = self.host.embed(batch).half()
-        extra = {k: batch[k] for k in self.host.shard_inputs if k in batch}
-        out = {}
-        for i, shard in self.shards.items():
-            peaks = [peak_activation_bytes(_call(shard, {"hidden_states": x, "layer": torch.tensor(0),
-                                                         "phase": torch.tensor(p), **extra}))
-                     for p in range(self.host.phases)]
-            out[self.names[i]] = state_bytes(shard) + max(peaks)
-        return out
-
-    def close(self) -> None:
-        """Stop the fan-out pool."""
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        return {self.names[self.device]: memory_bytes(self.model, lambda: self.model(**batch))}
 
 
 class CoFormerMethod(Method):
-    """A plan's sub-models, one per device, through the runtime :class:`~coformer.online.runtime.Coordinator`."""
+    """A plan's sub-models, one per device, through the runtime :class:`~coformer.online.coordinator.Coordinator`."""
 
     name = "coformer"
 
@@ -472,7 +290,7 @@ class CoFormerMethod(Method):
                 m = create("backbone", art.config["backbone"]).build_submodel(art.config)
                 m.load_state_dict(st_load(art.weights))
                 self.submodels.append(m.eval())
-        return {self.names[i]: _memory(m, _call(m, batch)) for i, m in enumerate(self.submodels)}
+        return {self.names[i]: memory_bytes(m, deferred_call(m, batch)) for i, m in enumerate(self.submodels)}
 
     def close(self) -> None:
         """Stop the coordinator's fan-out pool without closing the shared clients."""

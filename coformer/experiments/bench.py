@@ -31,28 +31,20 @@ rate). JSON, a markdown table and PNG plots are written to the output directory.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import statistics
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
 
 from coformer.backbone import Backbone, Batch
-from coformer.experiments.baselines import (
-    CoFormerMethod,
-    Method,
-    PipelineSplit,
-    TeacherAlone,
-    TensorParallelSplit,
-    Trace,
-)
 from coformer.data import TensorDataset
-from coformer.spec import DeviceProfile
+from coformer.experiments.baselines import CoFormerMethod, Method, TeacherAlone, Trace
+from coformer.experiments.split_baselines import PipelineSplit, TensorParallelSplit
+from coformer.spec import DeviceProfile, strongest_index
 from coformer.transport import WorkerClient
 
 METHODS = ("teacher", "coformer", "compressed", "pipeline", "tensor-parallel")
@@ -202,14 +194,10 @@ def runtime_accuracy(method: Method, data: TensorDataset, *, batch_size: int = A
     return 100.0 * correct / len(data)
 
 
-def _strongest_index(devices: Sequence[DeviceProfile]) -> int:
-    return max(range(len(devices)), key=lambda i: devices[i].gflops)
-
-
 def compressed_method(compressed: Any, clients: Sequence[WorkerClient],
                       devices: Sequence[DeviceProfile]) -> CoFormerMethod:
     """The ``compressed`` plan's one sub-model alone on the strongest device's worker."""
-    s = _strongest_index(devices)
+    s = strongest_index(devices)
     planned = [d["name"] for d in compressed.meta["policy"]["devices"]]
     if len(compressed.artifacts) != 1 or planned != [devices[s].name]:
         raise ValueError(f"{compressed.path}: a compressed plan is one sub-model for the strongest device "
@@ -265,6 +253,48 @@ def build_methods(setup: BenchSetup) -> tuple[dict[str, Method], dict[str, str]]
     return methods, skipped
 
 
+def _notes(cfg: BenchConfig) -> dict[str, str]:
+    """What each figure in bench.json means and how it was measured."""
+    return {
+        "latency": f"end-to-end per request of {cfg.batch_size} example(s) after warm-up; median and p90",
+        "link": "shaped = tc tbf on the testbed; modelled = loopback run + payload bytes / rate per round",
+        "bytes": "serialized request batches (safetensors) + fp16 responses, all rounds",
+        "memory": "module memory = weights + measured peak activations of one call (coformer.measure)",
+        "energy": "ESTIMATE: sum over devices of worker-reported compute time x device profile power (W); "
+                  "idle and network power excluded",
+        "overhead": "end-to-end - critical-path compute - modelled wire time; on shaped links it can be "
+                    "negative: the tbf bucket (burst >= 16 KiB) passes small transfers at line rate, so "
+                    "bytes/rate overestimates their wire time",
+        "runtime": "serialisation + RPC, measured per call on the critical path: round trip - worker compute "
+                   "of the device each round waited for; serialisation as reported by the transport (both "
+                   "ends), RPC the rest (on shaped links it includes the wire); share = of end-to-end",
+        "pipeline": "hidden states go device -> coordinator -> next device (the star network's path)",
+    }
+
+
+def _add_speedups(runs: list[dict[str, Any]], rates: Sequence[float]) -> None:
+    """Each run's speed-up over the teacher at the same link rate."""
+    for rate in rates:
+        base = next(r for r in runs if r["rate_mbps"] == rate and r["method"] == "teacher")
+        for r in runs:
+            if r["rate_mbps"] == rate:
+                r["speedup_vs_teacher"] = base["latency_ms"]["median"] / r["latency_ms"]["median"]
+
+
+def _split_accuracy(runs: list[dict[str, Any]], teacher_acc: float, skipped: dict[str, str]) -> dict[str, Any]:
+    """Pipeline and tensor-parallel are exact: the teacher's accuracy, once every request agreed with it."""
+    out = {}
+    for name in ("pipeline", "tensor-parallel"):
+        if name in skipped:
+            continue
+        agree = [r["agreement_with_teacher"] for r in runs if r["method"] == name]
+        verified = all(a == 100.0 for a in agree)
+        out[name] = {"accuracy": teacher_acc if verified else float("nan"),
+                     "source": ("exact: equals the teacher's; verified (100% agreement) on every request sent"
+                                if verified else f"NOT verified: agreement with the teacher {agree}")}
+    return out
+
+
 def run_bench(setup: BenchSetup, cfg: BenchConfig, *, accuracy_limit: int | None = None,
               log: Callable[[str], None] = print) -> dict[str, Any]:
     """Measure every method at every rate; returns the JSON-ready document."""
@@ -309,23 +339,9 @@ def run_bench(setup: BenchSetup, cfg: BenchConfig, *, accuracy_limit: int | None
     finally:
         for m in methods.values():
             m.close()
-    for rate in cfg.rates_mbps:
-        base = next(r for r in runs if r["rate_mbps"] == rate and r["method"] == "teacher")
-        for r in runs:
-            if r["rate_mbps"] == rate:
-                r["speedup_vs_teacher"] = base["latency_ms"]["median"] / r["latency_ms"]["median"]
-    accuracy = {
-        "teacher": {"accuracy": teacher_acc, "source": f"measured on {len(test)} test examples"},
-        **measured,
-    }
-    for name in ("pipeline", "tensor-parallel"):
-        if name in skipped:
-            continue
-        agree = [r["agreement_with_teacher"] for r in runs if r["method"] == name]
-        verified = all(a == 100.0 for a in agree)
-        accuracy[name] = {"accuracy": teacher_acc if verified else float("nan"),
-                          "source": ("exact: equals the teacher's; verified (100% agreement) on every request sent"
-                                     if verified else f"NOT verified: agreement with the teacher {agree}")}
+    _add_speedups(runs, cfg.rates_mbps)
+    accuracy = {"teacher": {"accuracy": teacher_acc, "source": f"measured on {len(test)} test examples"},
+                **measured, **_split_accuracy(runs, teacher_acc, skipped)}
     doc = {
         "devices": [d.to_dict() for d in setup.devices],
         "teacher": setup.teacher_info or {"check": "given in-process"},
@@ -335,121 +351,11 @@ def run_bench(setup: BenchSetup, cfg: BenchConfig, *, accuracy_limit: int | None
         "accuracy": accuracy,
         "runs": runs,
         "skipped_methods": skipped,
-        "notes": {
-            "latency": f"end-to-end per request of {cfg.batch_size} example(s) after warm-up; median and p90",
-            "link": "shaped = tc tbf on the testbed; modelled = loopback run + payload bytes / rate per round",
-            "bytes": "serialized request batches (safetensors) + fp16 responses, all rounds",
-            "memory": "module memory = weights + measured peak activations of one call (coformer.measure)",
-            "energy": "ESTIMATE: sum over devices of worker-reported compute time x device profile power (W); "
-                      "idle and network power excluded",
-            "overhead": "end-to-end - critical-path compute - modelled wire time; on shaped links it can be "
-                        "negative: the tbf bucket (burst >= 16 KiB) passes small transfers at line rate, so "
-                        "bytes/rate overestimates their wire time",
-            "runtime": "serialisation + RPC, measured per call on the critical path: round trip - worker compute "
-                       "of the device each round waited for; serialisation as reported by the transport (both "
-                       "ends), RPC the rest (on shaped links it includes the wire); share = of end-to-end",
-            "pipeline": "hidden states go device -> coordinator -> next device (the star network's path)",
-        },
+        "notes": _notes(cfg),
     }
     if setup.process_memory is not None:
         doc["worker_peak_rss_bytes"] = setup.process_memory()
     return doc
-
-
-# --------------------------------------------------------------------------- outputs
-
-
-def markdown_table(doc: dict[str, Any]) -> str:
-    """A markdown table of the main figures, one row per method and rate."""
-    lines = ["| rate (Mb/s) | link | method | devices | median ms | p90 ms | speed-up | compute ms | wire ms (model) "
-             "| overhead ms | overhead % | ser. + RPC ms (%) | KB/request | energy J (est.) | accuracy % "
-             "| peak module MB/device |",
-             "|" + "---|" * 16]
-    for r in doc["runs"]:
-        acc = doc["accuracy"][r["method"]]["accuracy"]
-        mem = max(r["module_memory_bytes"].values()) / 2**20
-        b = r["breakdown_ms"]
-        lines.append(
-            f"| {r['rate_mbps']:g} | {r['link']} | {r['method']} | {len(r['devices'])} | {r['latency_ms']['median']:.1f} "
-            f"| {r['latency_ms']['p90']:.1f} | {r['speedup_vs_teacher']:.2f}× | {b['compute']:.1f} "
-            f"| {b['wire_modelled']:.1f} | {b['overhead']:.1f} | {100 * r['overhead_share']:.0f} "
-            f"| {b['serialize']:.2f} + {b['rpc']:.2f} ({100 * r['runtime_share']:.1f}%) "
-            f"| {r['bytes_per_request'] / 1024:.1f} | {r['energy_j_estimate']:.3f} | {acc:.2f} | {mem:.1f} |")
-    lines.append("")
-    for k, v in doc["accuracy"].items():
-        lines.append(f"- accuracy of {k}: {v['accuracy']:.2f}% ({v['source']})")
-    for k, v in doc.get("skipped_methods", {}).items():
-        lines.append(f"- {k}: not run ({v})")
-    for k, v in doc["notes"].items():
-        lines.append(f"- {k}: {v}")
-    if "device_count" in doc:
-        lines += ["", "| CoFormer devices | devices | rate (Mb/s) | median ms | p90 ms | KB/request "
-                  "| energy J (est.) | accuracy % |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for r in doc["device_count"]:
-            lines.append(f"| {len(r['devices'])} | {', '.join(r['devices'])} | {r['rate_mbps']:g} "
-                         f"| {r['latency_ms']['median']:.1f} | {r['latency_ms']['p90']:.1f} "
-                         f"| {r['bytes_per_request'] / 1024:.1f} | {r['energy_j_estimate']:.3f} | "
-                         + (f"{r['accuracy']:.2f} |" if r.get("calibrated", True) else "n/a (uncalibrated plan) |"))
-    return "\n".join(lines) + "\n"
-
-
-def plot(doc: dict[str, Any], out: Path) -> list[Path]:
-    """Stacked latency breakdown per method and rate, and accuracy vs latency; returns the PNG paths."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    runs = doc["runs"]
-    rates = sorted({r["rate_mbps"] for r in runs})
-    fig, axes = plt.subplots(1, len(rates), figsize=(4 * len(rates), 4), squeeze=False)
-    for ax, rate in zip(axes[0], rates):
-        rows = [r for r in runs if r["rate_mbps"] == rate]
-        names = [r["method"] for r in rows]
-        bottom = [0.0] * len(rows)
-        for part, color in (("compute", "tab:blue"), ("wire_modelled", "tab:orange"), ("overhead", "tab:gray")):
-            vals = [max(0.0, r["breakdown_ms"][part]) for r in rows]
-            ax.bar(names, vals, bottom=bottom, label=part.replace("_", " "), color=color)
-            bottom = [b + v for b, v in zip(bottom, vals)]
-        ax.set_title(f"{rate:g} Mbit/s ({rows[0]['link']})")
-        ax.set_ylabel("median latency (ms)")
-        ax.set_yscale("log" if max(bottom) > 50 * max(min(bottom), 1e-3) else "linear")
-        ax.tick_params(axis="x", rotation=30)
-    axes[0][0].legend()
-    fig.tight_layout()
-    p1 = out / "latency_breakdown.png"
-    fig.savefig(p1, dpi=120)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    for name in METHODS:
-        rows = [r for r in runs if r["method"] == name]
-        if not rows:
-            continue
-        acc = doc["accuracy"][name]["accuracy"]
-        ax.plot([r["latency_ms"]["median"] for r in rows], [acc] * len(rows), "o-", label=name)
-        for r in rows:
-            ax.annotate(f"{r['rate_mbps']:g}", (r["latency_ms"]["median"], acc), fontsize=7)
-    ax.set_xscale("log")
-    ax.set_xlabel("median end-to-end latency (ms, log); labels: link Mbit/s")
-    ax.set_ylabel("test accuracy (%)")
-    ax.legend()
-    fig.tight_layout()
-    p2 = out / "accuracy_vs_latency.png"
-    fig.savefig(p2, dpi=120)
-    plt.close(fig)
-    return [p1, p2]
-
-
-def write_outputs(doc: dict[str, Any], out: str | Path) -> dict[str, Path]:
-    """``bench.json``, ``bench.md`` and the PNG plots in ``out``."""
-    path = Path(out)
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "bench.json").write_text(json.dumps(doc, indent=2, default=float))
-    (path / "bench.md").write_text(markdown_table(doc))
-    pngs = plot(doc, path)
-    return {"json": path / "bench.json", "table": path / "bench.md", "breakdown": pngs[0], "accuracy": pngs[1]}
 
 
 def device_count_run(plan: Any, clients: Sequence[WorkerClient], devices: Sequence[DeviceProfile], sample: Sample,

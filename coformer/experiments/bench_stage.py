@@ -19,7 +19,8 @@ from coformer import open_transport, registry
 from coformer.artifacts import Plan, load_plan
 from coformer.backbone import Backbone
 from coformer.experiments import testbed as tb
-from coformer.experiments.bench import BenchConfig, BenchSetup, device_count_run, make_sample, run_bench, write_outputs
+from coformer.experiments.bench import BenchConfig, BenchSetup, device_count_run, make_sample, run_bench
+from coformer.experiments.bench_report import write_outputs
 from coformer.offline.data_choice import choose_dataset
 from coformer.offline.pipeline import TeacherMismatchError, check_teacher, encode, find_teacher, teacher_sha256
 from coformer.spec import DeviceProfile, Policy

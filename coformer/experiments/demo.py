@@ -25,6 +25,7 @@ from rich.table import Table
 
 from coformer import defaults, open_transport, registry
 from coformer.artifacts import submodel_artifact
+from coformer.backbone import Batch
 from coformer.offline.booster import BoosterConfig
 from coformer.offline.calibrate import (
     DEFAULT_DEVICES,
@@ -42,7 +43,7 @@ from coformer.data import RawDataset
 from coformer.offline.data_choice import choose_dataset
 from coformer.measure import count_flops, count_params
 from coformer.offline.pipeline import Figures, Teacher, accuracy, median_latency_ms, prepare_teacher, teacher_figures
-from coformer.online.runtime import Coordinator
+from coformer.online.coordinator import Coordinator
 from coformer.spec import Policy
 
 __all__ = ["DEFAULT_DEVICES", "Calibrated", "DemoResult", "DemoUnavailableError", "calibrate_policy",
@@ -116,6 +117,38 @@ def _compressed_figures(cal: Calibrated, teacher: Teacher, repeats: int) -> Figu
                     "spec": cal.policy.specs[0].to_dict(), "policy_source": cal.policy.meta.get("source")})
 
 
+def _submodel_figures(cal: Calibrated, teacher: Teacher, one: Batch, repeats: int) -> list[Figures]:
+    """Each calibrated sub-model with its student head: test and validation accuracy, cost, latency."""
+    figs = []
+    for n, (m, head) in enumerate(zip(cal.submodels, cal.students)):
+        with torch.inference_mode():
+            acc = accuracy(head(cal.test_features[n]), teacher.test.labels)
+            val_acc = accuracy(head(cal.val_features[n]), teacher.val.labels)
+        fwd = lambda m=m, head=head: head(m(**one))  # noqa: E731
+        device = cal.policy.devices[n].name
+        figs.append(Figures(f"sub-model {n} ({device})", acc, cal.costs[n].params, float(count_flops(fwd)),
+                            median_latency_ms(fwd, repeats=repeats),
+                            {"val_accuracy": round(val_acc, 2), "device": device,
+                             "spec": cal.policy.specs[n].to_dict()}))
+    return figs
+
+
+def _coformer_figures(cal: Calibrated, teacher: Teacher, one: Batch, repeats: int,
+                      extra: dict[str, Any]) -> Figures:
+    """The whole decomposition: accuracy from the aggregator, latency through an in-process cluster."""
+    with torch.inference_mode():
+        acc = accuracy(cal.aggregator(cal.test_features), teacher.test.labels)
+        val_acc = accuracy(cal.aggregator(cal.val_features), teacher.val.labels)
+    clients = [open_transport(f"{defaults.LOCAL_TRANSPORT}://demo-{n}") for n in range(len(cal.submodels))]
+    coord = Coordinator.deploy(clients, [submodel_artifact(m) for m in cal.submodels], cal.aggregator,
+                               names=[d.name for d in cal.policy.devices])
+    latency = median_latency_ms(lambda: coord.infer(one), repeats=repeats)
+    coord.close()
+    agg_flops = float(count_flops(lambda: cal.aggregator([f[:1] for f in cal.test_features])))
+    return Figures("CoFormer", acc, sum(c.params for c in cal.costs) + count_params(cal.aggregator),
+                   sum(c.flops for c in cal.costs) + agg_flops, latency, {"val_accuracy": round(val_acc, 2), **extra})
+
+
 class _Stopwatch:
     """Prints each finished stage with the time since the run started."""
 
@@ -162,6 +195,9 @@ def run_demo(
     ``compressed`` also builds the single-model alternative (same rule with N = 1, same
     calibration budget) into ``<out>/compressed/`` for ``coformer bench``.
     The data set is ``dataset``, else ``data_uri`` (a name or URI), else the modality's default.
+
+    (About 90 lines, over the layout's 60: this is the demo's script, the stages called in order
+    with what each reports; the figures are computed by helpers.)
     """
     if plan is not None and layers is not None:
         raise ValueError("layers applies to the proportional policy; a plan directory already fixes each "
@@ -191,40 +227,16 @@ def run_demo(
     cal = calibrate_stage(backbone, teacher, config=config, plan=plan, devices=devices, layers=layers,
                           aggregator_name=aggregator_name)
     policy = cal.policy
-    submodels, students, aggregator, costs = cal.submodels, cal.students, cal.aggregator, cal.costs
-    feats = {"test": cal.test_features, "val": cal.val_features}
     distil = f", feature distillation β={config.feature_weight:g}" if config.feature_weight else ""
-    stage(f"decomposed into {len(submodels)} sub-models ({policy.meta.get('source', 'planned policy')}), "
+    stage(f"decomposed into {len(cal.submodels)} sub-models ({policy.meta.get('source', 'planned policy')}), "
           f"calibrated ({config.epochs} epoch(s) per sub-model, {config.weight_rule} weight rule{distil}), "
           f"aggregator {aggregator_name} trained")
 
-    labels = teacher.test.labels
     t_fig = teacher_figures(backbone, teacher, one, latency_repeats)
     t_fig.extra["val_accuracy"] = round(accuracy(teacher.val_logits, teacher.val.labels), 2)
-    sub_figs = []
-    for n, (m, head) in enumerate(zip(submodels, students)):
-        with torch.inference_mode():
-            acc = accuracy(head(feats["test"][n]), labels)
-            val_acc = accuracy(head(feats["val"][n]), teacher.val.labels)
-        fwd = lambda m=m, head=head: head(m(**one))  # noqa: E731
-        sub_figs.append(Figures(f"sub-model {n} ({policy.devices[n].name})", acc, costs[n].params,
-                                float(count_flops(fwd)), median_latency_ms(fwd, repeats=latency_repeats),
-                                {"val_accuracy": round(val_acc, 2), "device": policy.devices[n].name,
-                                 "spec": policy.specs[n].to_dict()}))
-    with torch.inference_mode():
-        co_acc = accuracy(aggregator(feats["test"]), labels)
-        co_val = accuracy(aggregator(feats["val"]), teacher.val.labels)
-
-    clients = [open_transport(f"{defaults.LOCAL_TRANSPORT}://demo-{n}") for n in range(len(submodels))]
-    coord = Coordinator.deploy(clients, [submodel_artifact(m) for m in submodels], aggregator,
-                               names=[d.name for d in policy.devices])
-    co_latency = median_latency_ms(lambda: coord.infer(one), repeats=latency_repeats)
-    coord.close()
-    agg_flops = float(count_flops(lambda: aggregator([f[:1] for f in feats["test"]])))
-    co_fig = Figures("CoFormer", co_acc, sum(c.params for c in costs) + count_params(aggregator),
-                     sum(c.flops for c in costs) + agg_flops, co_latency,
-                     {"val_accuracy": round(co_val, 2), "aggregator": aggregator_name,
-                      "weight_rule": config.weight_rule})
+    sub_figs = _submodel_figures(cal, teacher, one, latency_repeats)
+    co_fig = _coformer_figures(cal, teacher, one, latency_repeats,
+                               {"aggregator": aggregator_name, "weight_rule": config.weight_rule})
 
     c_fig = None
     plan_meta = plan_record(backbone_name, source, load_options, data, teacher)
@@ -238,7 +250,7 @@ def run_demo(
         stage(f"compressed alternative calibrated ({c_cal.policy.meta.get('source')}) for {c_fig.extra['device']}")
 
     meta = {"backbone": backbone_name, "dataset": data.name, "classes": data.classes, "load_options": load_options,
-            "test_size": len(labels), "policy": policy.to_dict(), "seed": seed, "teacher": record,
+            "test_size": len(teacher.test.labels), "policy": policy.to_dict(), "seed": seed, "teacher": record,
             "booster": {k: str(v) for k, v in vars(config).items()}}
     figures = {"teacher": t_fig.to_dict(), "submodels": [s.to_dict() for s in sub_figs], "coformer": co_fig.to_dict()}
     if c_fig is not None:

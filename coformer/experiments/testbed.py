@@ -1,5 +1,8 @@
 """An emulated cluster on one machine: ``coformer worker`` processes in network namespaces over shaped links.
 
+(About 420 lines, over the layout's 400: creating and tearing down namespaces, links, cgroups and
+workers share their naming and state file, and teardown must undo exactly what set-up made.)
+
 Each worker gets
 
 * its own network namespace, joined to the host by a veth pair with private 10.x addresses
@@ -182,7 +185,8 @@ def up(devices: Sequence[str | DeviceProfile], rates: Sequence[str | float], *, 
     ``rates`` gives one link rate per device (or one for all). Worker ``i`` listens on
     ``10.<subnet>.<i>.2:<port>`` and serves with ``transport``, which must be one that serves
     (:class:`~coformer.online.serve.ServeUnsupportedError` otherwise). On failure everything
-    created so far is removed.
+    created so far is removed. (64 lines: set-up and its rollback stay in one function, so that a
+    failure at any step removes exactly what the steps before it created.)
     """
     serving_transport(transport)
     reason = unavailable_reason()

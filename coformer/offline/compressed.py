@@ -20,7 +20,7 @@ from typing import Any, Sequence
 from coformer.backbone import Backbone
 from coformer.offline.decompose import proportional_specs
 from coformer.offline.pipeline import Teacher
-from coformer.spec import DeviceProfile, Policy
+from coformer.spec import DeviceProfile, Policy, strongest_index
 
 #: Where the compressed plan sits inside a plan directory.
 COMPRESSED_DIR = "compressed"
@@ -28,9 +28,7 @@ COMPRESSED_DIR = "compressed"
 
 def strongest_device(devices: Sequence[DeviceProfile]) -> DeviceProfile:
     """The device with the most compute (GFLOPS): where the teacher and ``compressed`` run alone."""
-    if not devices:
-        raise ValueError("no devices: a policy needs at least one")
-    return max(devices, key=lambda d: d.gflops)
+    return devices[strongest_index(devices)]
 
 
 def search_settings(plan_dir: str | Path) -> dict[str, Any] | None:

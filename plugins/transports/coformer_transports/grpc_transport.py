@@ -1,7 +1,7 @@
 """``grpc://host:port``: workers on other machines (or network namespaces), over gRPC.
 
 Server side: :class:`WorkerServer` wraps a transport-independent
-:class:`~coformer.online.runtime.WorkerState` in a thread-pool gRPC server.
+:class:`~coformer.online.worker_state.WorkerState` in a thread-pool gRPC server.
 Client side: :class:`GrpcClient`. Both are reached through :class:`GrpcTransport`, registered
 for the ``grpc`` scheme: it connects, and it serves ``coformer worker --transport grpc``.
 
@@ -52,7 +52,7 @@ from coformer.admission import (
 from coformer.backbone import Batch
 from coformer.hookspecs import Register, hookimpl
 from coformer.limits import RequestLimits, RequestTooLargeError
-from coformer.online.runtime import WorkerState
+from coformer.online.worker_state import WorkerState
 from coformer.online.serve import ServedWorker, ServeOptions, ServingTransport
 from coformer.transport import (
     BadRequestError,

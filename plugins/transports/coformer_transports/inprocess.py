@@ -1,6 +1,6 @@
 """``inproc://NAME``: workers living in this process (tests, the demo, single-machine runs).
 
-Each name maps to one :class:`~coformer.online.runtime.WorkerState`; requests run on the caller's
+Each name maps to one :class:`~coformer.online.worker_state.WorkerState`; requests run on the caller's
 thread pool, so N workers compute concurrently. Tensors are passed by reference; features
 still come back as fp16, exactly as over a network transport. It connects only: there is no
 wire, so it cannot serve a worker to another process (``coformer worker`` refuses it).
@@ -14,7 +14,7 @@ from urllib.parse import urlparse
 
 from coformer.backbone import Batch
 from coformer.hookspecs import Register, hookimpl
-from coformer.online.runtime import WorkerState
+from coformer.online.worker_state import WorkerState
 from coformer.transport import InferResult, SubModelArtifact, Transport, WorkerClient
 
 _workers: dict[str, WorkerState] = {}
