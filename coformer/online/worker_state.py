@@ -1,6 +1,6 @@
 """The worker loop, independent of any transport: admit, load and run sub-models under limits.
 
-A transport's server side wraps :class:`WorkerState` (the gRPC plugin, the in-process one);
+A transport plugin's server side wraps :class:`WorkerState` (as the built-in transports do);
 its client side implements :class:`~coformer.transport.WorkerClient`.
 """
 from __future__ import annotations
