@@ -1,4 +1,4 @@
-"""Shared machinery of the transformers-based language backbones (``gpt2``, ``flan_t5``, ``llama``, ``mpnet``).
+"""Shared machinery of the transformers-based language backbones (``bert``, ``gpt2``, ``flan_t5``, ``llama``, ``mpnet``).
 
 The families are pre-norm (GPT-2, T5, Llama) or post-norm (MPNet, BERT-like) transformer stacks,
 so one compact sub-model serves them all:
@@ -16,7 +16,9 @@ Per-family switches in the canonical ``arch`` (all optional, defaults = pre-norm
 ``norm_placement`` ("pre" / "post": ``x = norm(x + f(x))``), ``embed_norm`` (a LayerNorm on the
 embedding output, globals ``embed_norm_w/_b``), ``final_norm`` (False: no final norm),
 ``position_padding_idx`` (learned positions counted RoBERTa-style from ``padding_idx + 1`` over
-the real tokens) and ``relative_bias`` (a T5-style bucketed bias table alongside learned positions).
+the real tokens), ``relative_bias`` (a T5-style bucketed bias table alongside learned positions)
+and ``type_vocab_size`` (BERT's token-type embeddings, added to the token embeddings before the
+positions; ``token_type_ids`` default to zeros).
 
 ``mask`` works on a copy of the HF teacher, independently of ``slice``: a removed head (MLP
 neuron) writes into the residual stream only through its columns of the attention (MLP) output
@@ -50,7 +52,8 @@ from coformer_backbones._parallel import PARALLEL_KINDS, ParallelBaselines, buil
 BACKBONE_CONFIG = "coformer_backbone.json"
 INPUT_KEYS = ("input_ids", "attention_mask")
 DEFAULT_MAX_LENGTH = 128
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "spiece.model", "tokenizer.model")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "spiece.model",
+                   "tokenizer.model")
 
 
 def quiet_transformers() -> contextlib.AbstractContextManager[None]:
@@ -74,20 +77,33 @@ def quiet_transformers() -> contextlib.AbstractContextManager[None]:
 class HashTokenizer:
     """A deterministic whitespace tokenizer for teachers without a vocabulary (tiny test models).
 
-    Words map to ids ``3..vocab_size-1`` by CRC32; 0 is padding. Real checkpoints use their own
-    HF tokenizer instead.
+    Words map to ids ``first_id..vocab_size-1`` by CRC32; 0 is padding and the ids below
+    ``first_id`` are reserved. ``wrap`` puts a (start, end) pair of ids around every text (BERT's
+    ``[CLS]`` … ``[SEP]``). Real checkpoints use their own HF tokenizer instead.
     """
 
-    def __init__(self, vocab_size: int):
-        if vocab_size < 4:
-            raise ValueError(f"HashTokenizer needs a vocabulary of at least 4 ids, got {vocab_size}")
+    def __init__(self, vocab_size: int, *, first_id: int = 3, wrap: tuple[int, int] | None = None):
+        if vocab_size <= first_id:
+            raise ValueError(f"HashTokenizer needs a vocabulary of at least {first_id + 1} ids, got {vocab_size}")
         self.vocab_size = vocab_size
+        self.first_id = first_id
+        self.wrap = wrap
 
-    def __call__(self, texts: Sequence[str], *, max_length: int, **_: Any) -> dict[str, Tensor]:
-        """Right-padded batch, truncated to ``max_length`` and padded to the longest text."""
-        rows = [[3 + zlib.crc32(w.encode()) % (self.vocab_size - 3) for w in t.lower().split()][:max_length] or [3]
-                for t in texts]
-        width = max(len(r) for r in rows)
+    def encode(self, text: str) -> list[int]:
+        """Token ids of one text, without the ``wrap`` ids."""
+        return [self.first_id + zlib.crc32(w.encode()) % (self.vocab_size - self.first_id)
+                for w in text.lower().split()]
+
+    def __call__(self, texts: Sequence[str], *, max_length: int, padding: bool | str = True,
+                 **_: Any) -> dict[str, Tensor]:
+        """Right-padded batch, truncated to ``max_length``; padded to the longest text, or to
+        ``max_length`` with ``padding="max_length"`` (as HF tokenizers do)."""
+        if self.wrap is None:
+            rows = [self.encode(t)[:max_length] or [self.first_id] for t in texts]
+        else:
+            start, end = self.wrap
+            rows = [[start, *self.encode(t)[: max_length - 2], end] for t in texts]
+        width = max_length if padding == "max_length" else max((len(r) for r in rows), default=0)
         ids = torch.zeros(len(rows), width, dtype=torch.long)
         mask = torch.zeros(len(rows), width, dtype=torch.long)
         for i, r in enumerate(rows):
@@ -228,9 +244,9 @@ class CompactBlock(nn.Module):
 
 
 class CompactLM(LayeredLM, SubModel):
-    """A sliced GPT-2 / T5-encoder / Llama sub-model, plain torch, rebuilt from its JSON ``config``.
+    """A sliced BERT / GPT-2 / T5-encoder / Llama / MPNet sub-model, plain torch, rebuilt from its JSON ``config``.
 
-    ``forward(input_ids, attention_mask)`` returns the pooled features ``[B, embed_dim]``;
+    ``forward(input_ids, attention_mask, token_type_ids)`` returns the pooled features ``[B, embed_dim]``;
     :meth:`hidden_states` the final-normed token states; :meth:`lm_logits` next-token logits
     where the teacher had an LM head.
     """
@@ -241,6 +257,8 @@ class CompactLM(LayeredLM, SubModel):
         d = config["embed_dim"]
         self.feature_dim = d
         self.embed = nn.Embedding(config["vocab_size"], d)
+        types = config.get("type_vocab_size")
+        self.token_type = nn.Embedding(types, d) if types else None
         self.pos = nn.Embedding(config["max_positions"], d) if config["positions"] == "learned" else None
         self.embed_norm = _norm(config["norm"], d, config["norm_eps"]) if config.get("embed_norm") else None
         self.register_buffer("inv_freq", None, persistent=False)
@@ -261,9 +279,15 @@ class CompactLM(LayeredLM, SubModel):
         for layer in self.layers:
             layer.attn.rebuild_buffers()
 
-    def embed_tokens(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        """Token (+ learned position) embeddings ``[B, T, embed_dim]``: the hidden state entering block 0."""
+    def embed_tokens(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                     token_type_ids: Tensor | None = None) -> Tensor:
+        """Token (+ token-type, + learned position) embeddings ``[B, T, embed_dim]``: the hidden state entering block 0."""
         x = self.embed(input_ids)
+        if self.token_type is not None:
+            x = x + self.token_type(torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids)
+        elif token_type_ids is not None:
+            raise ValueError("this sub-model has no token-type embeddings (its teacher takes no token_type_ids); "
+                             "drop them from the batch")
         if self.pos is not None:
             pad = self.config.get("position_padding_idx")
             first = 0 if pad is None else pad + 1
@@ -308,17 +332,20 @@ class CompactLM(LayeredLM, SubModel):
         mask = torch.zeros(allowed.shape, dtype=x.dtype, device=dev).masked_fill(~allowed, torch.finfo(x.dtype).min)
         return mask, rope, buckets
 
-    def hidden_states(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+    def hidden_states(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                      token_type_ids: Tensor | None = None) -> Tensor:
         """Final-normed hidden states ``[B, T, embed_dim]``."""
-        x = self.embed_tokens(input_ids, attention_mask)
+        x = self.embed_tokens(input_ids, attention_mask, token_type_ids)
         mask, rope, buckets = self.attention_context(x, attention_mask)
         for layer in self.layers:
             x = layer(x, mask, rope, buckets)
         return self.final_norm(x)
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                token_type_ids: Tensor | None = None) -> Tensor:
         """Pooled features ``[B, embed_dim]`` (the teacher's pooling: last real token or mean)."""
-        return pool(self.hidden_states(input_ids, attention_mask), attention_mask, self.config["pooling"])
+        return pool(self.hidden_states(input_ids, attention_mask, token_type_ids), attention_mask,
+                    self.config["pooling"])
 
     def lm_logits(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """Next-token logits ``[B, T, vocab]``: the final-normed states times the teacher's LM head columns
@@ -373,6 +400,7 @@ def slice_canonical(arch: dict[str, Any], glob: Canon, layers: Sequence[Canon], 
 
     state: dict[str, Tensor | None] = {
         "embed.weight": take(glob["embed"], 1, ch),
+        "token_type.weight": take(glob.get("token_type"), 1, ch) if sub.token_type is not None else None,
         "final_norm.weight": take(glob.get("final_w"), 0, ch),
         "final_norm.bias": take(glob.get("final_b"), 0, ch),
     }
@@ -432,13 +460,16 @@ class HFTeacher(nn.Module):
         """The headless transformer (``GPT2Model``, ``T5EncoderModel``, ``LlamaModel``)."""
         return self.hf.base_model
 
-    def hidden_states(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        """Final-normed last hidden state ``[B, T, d]``."""
-        return self.base(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    def hidden_states(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                      token_type_ids: Tensor | None = None) -> Tensor:
+        """Final-normed last hidden state ``[B, T, d]``; ``token_type_ids`` only for families that take them (BERT)."""
+        extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+        return self.base(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                token_type_ids: Tensor | None = None) -> Tensor:
         """Pooled features ``[B, d]``."""
-        return pool(self.hidden_states(input_ids, attention_mask), attention_mask, self.pooling)
+        return pool(self.hidden_states(input_ids, attention_mask, token_type_ids), attention_mask, self.pooling)
 
     def lm_logits(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """Next-token logits of a causal LM teacher ``[B, T, vocab]``."""
@@ -448,10 +479,11 @@ class HFTeacher(nn.Module):
         return lm(self.hidden_states(input_ids, attention_mask))
 
 
-def _inputs(batch: Batch) -> dict[str, Tensor]:
+def _inputs(batch: Batch, keys: Sequence[str] = INPUT_KEYS) -> dict[str, Tensor]:
+    """The model inputs ``keys`` that ``batch`` holds (labels and the like left out)."""
     if "input_ids" not in batch:
         raise ValueError(f"a text batch needs 'input_ids' (got keys {sorted(batch)}); build it with prepare()")
-    return {k: batch[k] for k in INPUT_KEYS if k in batch and batch[k] is not None}
+    return {k: batch[k] for k in keys if k in batch and batch[k] is not None}
 
 
 def _in_dim(module: nn.Module) -> int:
@@ -468,12 +500,16 @@ def _zero_inputs(module: nn.Module, idx: list[int], *, bias: bool = False) -> No
 
 
 class PassThroughBlock(nn.Module):
-    """Stands in for a removed post-norm HF block: hands the hidden states on unchanged (as a 1-tuple,
-    the way HF blocks return their output)."""
+    """Stands in for a removed post-norm HF block: hands the hidden states on unchanged, as a 1-tuple
+    or a bare tensor (``as_tuple``), the way the block it replaces returns its output."""
 
-    def forward(self, hidden_states: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor]:
+    def __init__(self, as_tuple: bool = True):
+        super().__init__()
+        self.as_tuple = as_tuple
+
+    def forward(self, hidden_states: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor] | Tensor:
         """Identity on the residual stream."""
-        return (hidden_states,)
+        return (hidden_states,) if self.as_tuple else hidden_states
 
 
 class HFBackbone(ParallelBaselines, Backbone):
@@ -489,6 +525,12 @@ class HFBackbone(ParallelBaselines, Backbone):
     #: ``"pre"``: zeroed projections make a removed block the identity; ``"post"`` (``x = norm(x + f(x))``):
     #: :meth:`mask` swaps a removed block for a :class:`PassThroughBlock` instead.
     norm_placement: ClassVar[str] = "pre"
+    #: Whether the family's HF blocks return a tuple (most) or a bare tensor (BERT in transformers 5).
+    blocks_return_tuple: ClassVar[bool] = True
+    #: The batch keys the teacher and its sub-models take.
+    input_keys: ClassVar[tuple[str, ...]] = INPUT_KEYS
+    #: How :meth:`prepare` pads: ``True`` to the longest text, ``"max_length"`` to the teacher's ``max_length``.
+    padding: ClassVar[bool | str] = True
 
     # -- what a family provides -------------------------------------------------------------
 
@@ -525,7 +567,13 @@ class HFBackbone(ParallelBaselines, Backbone):
         raise NotImplementedError
 
     def _shape(self, cfg: Any) -> ModelShape:
-        raise NotImplementedError
+        """{L, d, h, D} from the usual HF config names (BERT, MPNet); families named otherwise override it."""
+        L, h = cfg.num_hidden_layers, cfg.num_attention_heads
+        return ModelShape(L, cfg.hidden_size, (h,) * L, (cfg.intermediate_size,) * L, cfg.hidden_size // h)
+
+    def _hash_tokenizer(self, vocab_size: int) -> HashTokenizer:
+        """The tokenizer of a teacher saved without a vocabulary (tiny models)."""
+        return HashTokenizer(vocab_size)
 
     # -- loading and saving -------------------------------------------------------------------
 
@@ -572,7 +620,7 @@ class HFBackbone(ParallelBaselines, Backbone):
                 hf = self._from_pretrained_default(path, extra)
             has_vocab = "gguf_file" in extra or any((path / f).exists() for f in TOKENIZER_FILES)
             tokenizer = (AutoTokenizer.from_pretrained(path, local_files_only=True, **extra) if has_vocab
-                         else HashTokenizer(hf.config.vocab_size))
+                         else self._hash_tokenizer(hf.config.vocab_size))
         if getattr(tokenizer, "pad_token", 1) is None:
             tokenizer.pad_token = tokenizer.eos_token
         hf.eval()
@@ -610,7 +658,7 @@ class HFBackbone(ParallelBaselines, Backbone):
         torch.manual_seed(seed)
         hf = self._tiny_hf().eval()
         head = ClassifierHead(self._shape(hf.config).embed_dim, num_labels)
-        return HFTeacher(hf, HashTokenizer(hf.config.vocab_size), head, self.pooling, max_length=16).eval()
+        return HFTeacher(hf, self._hash_tokenizer(hf.config.vocab_size), head, self.pooling, max_length=16).eval()
 
     # -- the teacher ----------------------------------------------------------------------------
 
@@ -620,7 +668,7 @@ class HFBackbone(ParallelBaselines, Backbone):
 
     def features(self, model: nn.Module, batch: Batch) -> Tensor:
         """The teacher's pooled final hidden state ``[B, d]``."""
-        return self._teacher(model)(**_inputs(batch))
+        return self._teacher(model)(**_inputs(batch, self.input_keys))
 
     def task_head(self, model: nn.Module) -> nn.Module:
         """The classification head (``features → logits``); a headless causal LM gives its LM head
@@ -635,14 +683,14 @@ class HFBackbone(ParallelBaselines, Backbone):
                          f"(or from a directory saved with a head)")
 
     def prepare(self, model: nn.Module, examples: Sequence[Any]) -> Batch:
-        """Tokenise texts, right-padded to the longest and truncated to ``max_length``."""
+        """Tokenise texts, truncated to ``max_length`` and right-padded per :attr:`padding`: {input_ids, attention_mask}."""
         teacher = self._teacher(model)
         if isinstance(examples, str) or not all(isinstance(e, str) for e in examples):
             raise TypeError(f"{self.family} prepare() takes a list of strings")
         tok = teacher.tokenizer
         if not isinstance(tok, HashTokenizer):
             tok.padding_side = "right"
-        enc = tok(list(examples), padding=True, truncation=True, max_length=teacher.max_length,
+        enc = tok(list(examples), padding=self.padding, truncation=True, max_length=teacher.max_length,
                   return_tensors="pt")
         return {"input_ids": enc["input_ids"].long(), "attention_mask": enc["attention_mask"].long()}
 
@@ -671,7 +719,7 @@ class HFBackbone(ParallelBaselines, Backbone):
         """
         teacher = self._teacher(model)
         shape = self.shape(teacher)
-        inputs = _inputs(batch)
+        inputs = _inputs(batch, self.input_keys)
         bsz = inputs["input_ids"].shape[0]
         token_mask = inputs.get("attention_mask", torch.ones_like(inputs["input_ids"])).float()
         blocks = self._blocks(teacher.base)
@@ -792,7 +840,7 @@ class HFBackbone(ParallelBaselines, Backbone):
         with torch.no_grad():
             for j, block in enumerate(list(blocks)):
                 if j not in kept and self.norm_placement == "post":
-                    blocks[j] = PassThroughBlock()
+                    blocks[j] = PassThroughBlock(self.blocks_return_tuple)
                     continue
                 hs, ms = kept.get(j, ((), ()))
                 drop_h = [h * hd + i for h in range(shape.heads[j]) if h not in set(hs) for i in range(hd)]

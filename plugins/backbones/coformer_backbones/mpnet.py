@@ -25,7 +25,6 @@ import torch
 from torch import nn
 
 from coformer.hookspecs import Register, hookimpl
-from coformer.spec import ModelShape
 from coformer_backbones import mpnet_assets
 from coformer_backbones._hf_common import Canon, HFBackbone
 
@@ -72,10 +71,6 @@ class MPNetBackbone(HFBackbone):
                              relative_attention_num_buckets=REL_BUCKETS, hidden_dropout_prob=0.0,
                              attention_probs_dropout_prob=0.0)
         return MPNetModel(config, add_pooling_layer=False)
-
-    def _shape(self, cfg: Any) -> ModelShape:
-        L, h = cfg.num_hidden_layers, cfg.num_attention_heads
-        return ModelShape(L, cfg.hidden_size, (h,) * L, (cfg.intermediate_size,) * L, cfg.hidden_size // h)
 
     def _blocks(self, base: nn.Module) -> Sequence[nn.Module]:
         return base.encoder.layer
