@@ -1,7 +1,8 @@
 """The interface a backbone plugin implements: load, shape, importance, slice, task head.
 
 A backbone knows one architecture family. The core never looks inside a model; it only
-calls these methods. See ``plugins/backbones/coformer_backbones/bert.py`` for the pattern.
+calls these methods. See ``plugins/backbones/coformer_backbones/_hf_common.py`` for the pattern (a family
+on top of it, e.g. ``bert.py``, only says where its weights live).
 """
 
 from __future__ import annotations

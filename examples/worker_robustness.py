@@ -69,7 +69,7 @@ def _setup(model: str) -> dict[str, Any]:
                                batch=backbone.example_batch(tiny, 2))[0]
     return {"arts": [submodel_artifact(s) for s in subs], "agg": agg, "batch": dict(batch),
             "spare": submodel_artifact(spare.eval()), "vocab": cfg["vocab_size"],
-            "positions": cfg["max_position_embeddings"]}
+            "positions": cfg["max_positions"]}
 
 
 def fuzz(setup: dict[str, Any], requests: int, seed: int) -> dict[str, Any]:

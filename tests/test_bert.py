@@ -6,20 +6,26 @@ import copy
 import json
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load as st_load
+from safetensors.torch import load_file as st_load_file
 from torch import Tensor
 
 import coformer
-from coformer.artifacts import submodel_artifact
+from coformer.admission import materialise, safetensors_header
+from coformer.artifacts import load_plan, submodel_artifact
 from coformer.assignment import assign_units
 from coformer.offline.decompose import proportional_specs
 from coformer.measure import measure_cost
 from coformer.spec import ModelShape, UnitSelection, check_structure
-from coformer_backbones.bert import BertBackbone, BertTeacher, CompactBert, HashTokenizer
+from coformer_backbones import _hf_common
+from coformer_backbones._hf_common import CompactLM, HFBackbone, HFTeacher
+from coformer_backbones._parallel import LayeredModel
+from coformer_backbones.bert import BertBackbone, HashTokenizer
 
 TEXTS = ["The striker scored twice in the cup final.", "Shares fell after the bank's profit warning."]
 #: two headlines per class (sport, business, tech, politics, entertainment)
@@ -37,7 +43,7 @@ class Real:
     """The real MiniLM teacher (5-label head), a tokenised batch and its reference features."""
 
     backbone: BertBackbone
-    model: BertTeacher
+    model: HFTeacher
     batch: dict[str, Tensor]
     shape: ModelShape
     features: Tensor
@@ -95,7 +101,7 @@ def test_features_are_pretrained_sentence_embeddings(real: Real) -> None:
 
 def test_full_selection_reproduces_real_teacher(real: Real) -> None:
     sub = real.backbone.slice(real.model, UnitSelection.full(real.shape))
-    assert isinstance(sub, CompactBert) and sub.feature_dim == 384
+    assert isinstance(sub, CompactLM) and sub.feature_dim == 384
     torch.testing.assert_close(_run(sub, real.batch), real.features, atol=1e-5, rtol=1e-4)
 
 
@@ -184,7 +190,7 @@ def test_important_units_matter_more(real: Real) -> None:
         opt.zero_grad()
         F.cross_entropy(head(feats), y).backward()
         opt.step()
-    teacher = BertTeacher(real.model.bert, real.model.tokenizer, head, real.model.max_length).eval()
+    teacher = HFTeacher(real.model.hf, real.model.tokenizer, head, "mean", real.model.max_length).eval()
     imp = real.backbone.importance(teacher, {**batch, "labels": y})
 
     def loss_keeping(kind: str, top: bool) -> float:
@@ -256,3 +262,68 @@ def test_tiny_prepare_and_save_without_vocabulary(tmp_path) -> None:
     assert isinstance(loaded.tokenizer, HashTokenizer) and loaded.max_length == tiny.max_length
     with torch.no_grad():
         torch.testing.assert_close(backbone.forward_teacher(loaded, batch), backbone.forward_teacher(tiny, batch))
+
+
+# -- BERT on the shared HF toolkit ----------------------------------------------------------------
+
+FIXTURE = Path(__file__).parent / "fixtures" / "bert_v1_plan"
+
+
+def test_bert_is_a_family_of_the_shared_hf_toolkit() -> None:
+    """Nothing BERT-specific beyond where its weights live: the shared teacher, sub-model, tokenizer,
+    and block-by-block protocol serve it, and the compact sub-model takes BERT's token types."""
+    backbone = BertBackbone()
+    assert isinstance(backbone, HFBackbone) and HashTokenizer is _hf_common.HashTokenizer
+    torch.manual_seed(0)
+    tiny = backbone.tiny()
+    assert isinstance(tiny, HFTeacher) and isinstance(tiny.tokenizer, _hf_common.HashTokenizer)
+    shape = backbone.shape(tiny)
+    batch = backbone.example_batch(tiny, batch_size=3)
+    types = {**batch, "token_type_ids": (torch.arange(batch["input_ids"].shape[1]) % 2).expand(3, -1)}
+    sub = backbone.slice(tiny, UnitSelection.full(shape))
+    assert type(sub) is CompactLM and isinstance(sub, LayeredModel)
+    with torch.no_grad():
+        for b in (batch, types):  # token types matter, and the sub-model reads them like the teacher
+            torch.testing.assert_close(sub(**b), backbone.features(tiny, b), atol=1e-5, rtol=1e-4)
+        assert not torch.allclose(sub(**types), sub(**batch))
+        first = backbone.pipeline_stage(tiny, [0, 1], first=True, last=False)
+        last = backbone.pipeline_stage(tiny, [2], first=False, last=True)
+        staged = last(hidden_states=first(**types), attention_mask=types["attention_mask"])
+    torch.testing.assert_close(staged, backbone.features(tiny, types), atol=1e-5, rtol=1e-4)
+
+
+def test_hash_tokenizer_wraps_and_pads_like_bert() -> None:
+    """BERT's hash tokenizer: [CLS] … [SEP], words from id 4, padded to max_length; the shared default
+    (no wrap, words from 3) pads to the longest text."""
+    bert = BertBackbone()._hash_tokenizer(100)
+    enc = bert(["Hello world", ""], max_length=6, padding="max_length")
+    hello, world = bert.encode("hello world")
+    assert enc["input_ids"].tolist() == [[1, hello, world, 2, 0, 0], [1, 2, 0, 0, 0, 0]]
+    assert enc["attention_mask"].sum(1).tolist() == [4, 2] and 4 <= min(hello, world)
+    plain = _hf_common.HashTokenizer(100)(["Hello world", ""], max_length=6)
+    assert plain["input_ids"].shape == (2, 2) and plain["input_ids"][1].tolist() == [3, 0]
+    assert plain["attention_mask"].sum(1).tolist() == [2, 1]
+    with pytest.raises(ValueError, match="at least 5 ids"):
+        BertBackbone()._hash_tokenizer(4)
+
+
+def test_plan_written_before_the_shared_toolkit_still_loads() -> None:
+    """A plan directory written by the former BERT sub-model (``bert-v1`` config and tensor names,
+    fixture from commit 99331b8) passes admission, loads and gives the features it gave then."""
+    expected = st_load_file(str(FIXTURE / "expected.safetensors"))
+    batch = {k: v for k, v in expected.items() if k != "features"}
+    plan = load_plan(FIXTURE)
+    assert "hidden_act" in plan.artifacts[0].config  # the old format, untouched
+    (sub,) = plan.submodels()
+    with torch.no_grad():
+        assert torch.equal(sub(**batch), expected["features"])
+    # sent on to a worker it keeps the tensor names of its weights file, with a CompactLM config
+    art = submodel_artifact(sub)
+    assert art.config["weights_layout"] == "bert-v1" and "norm_eps" in art.config
+    assert set(safetensors_header(art.weights)) == set(safetensors_header(FIXTURE / "submodel_0.safetensors"))
+    backbone = BertBackbone()
+    again = materialise(lambda: backbone.build_submodel(art.config), art.weights)
+    with torch.no_grad():
+        assert torch.equal(again(**batch), expected["features"])
+    with pytest.raises(ValueError, match=r"lacks \['layer_norm_eps'\]"):
+        backbone.build_submodel({k: v for k, v in plan.artifacts[0].config.items() if k != "layer_norm_eps"})

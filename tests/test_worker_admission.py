@@ -49,10 +49,15 @@ def _absurd(config: dict[str, Any]) -> dict[str, Any]:
     return {**config, "heads": [1_000_000] * len(config["heads"])}
 
 
+def _deep(config: dict[str, Any], layers: int) -> dict[str, Any]:
+    """A consistent config of ``layers`` one-head, one-neuron layers (far more than the weights hold)."""
+    return {**config, "heads": [1] * layers, "mlp": [1] * layers, "scaling": [config["scaling"][0]] * layers}
+
+
 def test_config_not_matching_weights_is_refused_naming_the_tensor(bert: dict[str, Any]) -> None:
     art = bert["arts"][0]
     state = WorkerState("w", max_memory_bytes=1 << 30)
-    with pytest.raises(AdmissionError, match=r"tensor 'layers\.0\.q\.weight' is F32\[\d+, \d+\] in the weights but "
+    with pytest.raises(AdmissionError, match=r"tensor 'layers\.0\.attn\.q\.weight' is F32\[\d+, \d+\] in the weights but "
                                              r"the config makes it \[8000000, \d+\]"):
         state.load(_absurd(art.config), art.weights, art.sha256)
     few = b"\x10\x00\x00\x00\x00\x00\x00\x00{}"  # a few bytes whose sha256 matches: the issue's request
@@ -60,8 +65,8 @@ def test_config_not_matching_weights_is_refused_naming_the_tensor(bert: dict[str
         state.load(_absurd(art.config), few, sha256(few))
     for bad, what in (({**art.config, "embed_dim": -4}, "cannot be negative"),
                       ({**art.config, "embed_dim": 2.5}, "cannot build"),
-                      ({**art.config, "heads": [1] * 5000, "mlp": [1] * 5000}, "config builds over"),
-                      ({**art.config, "layer_norm_eps": float("nan")}, "must be finite"),
+                      (_deep(art.config, 5000), "config builds over"),
+                      ({**art.config, "norm_eps": float("nan")}, "must be finite"),
                       ({**art.config, "vocab_size": 10**30}, "absurdly large")):
         with pytest.raises(AdmissionError, match=what):
             state.load(bad, art.weights, art.sha256)
@@ -140,7 +145,7 @@ def test_many_small_models_keep_worker_rss_bounded_by_its_budget(bert: dict[str,
 
 
 def test_meta_build_is_bounded_by_the_weights_tensor_count(bert: dict[str, Any]) -> None:
-    cfg = {**bert["arts"][0].config, "heads": [1] * 100_000, "mlp": [1] * 100_000}
+    cfg = _deep(bert["arts"][0].config, 100_000)
     with pytest.raises(AdmissionError, match="config builds over"):
         build_on_meta(lambda: bert["backbone"].build_submodel(cfg), max_tensors=40)
 
@@ -158,7 +163,7 @@ def test_absurd_load_over_grpc_leaves_worker_rss_unchanged(bert: dict[str, Any])
                 client.load(SubModelArtifact.from_parts(_absurd(other.config), other.weights))
             assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
         huge = {**other.config, "vocab_size": 16_000_000}  # 2 GB of embeddings, under MAX_CONFIG_INT
-        with pytest.raises(GrpcBadRequestError, match=r"tensor 'word\.weight'"):
+        with pytest.raises(GrpcBadRequestError, match=r"tensor 'embed\.weight'"):
             client.load(SubModelArtifact.from_parts(huge, other.weights))
         grown = rss_bytes(proc.pid) - before
         assert grown < 32 * 2**20, f"RSS grew by {grown / 2**20:.1f} MB on refused loads (bound: 32 MB)"
@@ -370,7 +375,7 @@ def test_load_plan_and_submodels_refuse_a_config_edited_to_mismatch(bert: dict[s
     doc = json.loads((plan_dir / "plan.json").read_text())
     doc["submodels"][1]["config"]["heads"] = [1_000_000] * len(doc["submodels"][1]["config"]["heads"])
     (plan_dir / "plan.json").write_text(json.dumps(doc))
-    with pytest.raises(ArtifactError, match=r"submodel_1\.safetensors: tensor 'layers\.0\.q\.weight'"):
+    with pytest.raises(ArtifactError, match=r"submodel_1\.safetensors: tensor 'layers\.0\.attn\.q\.weight'"):
         load_plan(plan_dir)
     doc["submodels"][1]["config"] = bert["arts"][1].config
     doc["aggregator"]["student_heads"][0]["in_dim"] = 10**7

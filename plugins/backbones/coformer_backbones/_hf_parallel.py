@@ -1,7 +1,7 @@
 """The transformers language family run block by block: the :class:`~coformer_backbones._parallel.LayeredModel`
-protocol for its two compact sub-models, so pipeline stages and tensor shards come from
-:mod:`coformer_backbones._parallel` for ``gpt2``, ``flan_t5``, ``llama`` (pre-norm ``CompactLM``) and
-``bert`` (post-norm ``CompactBert``) alike, and for post-norm ``CompactLM`` blocks (``post_norm``).
+protocol for its compact sub-model, so pipeline stages and tensor shards come from
+:mod:`coformer_backbones._parallel` for ``gpt2``, ``flan_t5``, ``llama`` (pre-norm ``CompactLM`` blocks) and
+``bert``, ``mpnet`` (post-norm blocks, ``post_norm``) alike.
 
 Pre-norm blocks normalise inside the branch, so a shard holds the (replicated) norm and the host
 only adds the residual; post-norm blocks normalise after the residual, so the host does.
@@ -15,11 +15,6 @@ from torch import Tensor, nn
 
 from coformer.backbone import Batch
 from coformer_backbones._inputs import pool
-
-
-def _key_mask(batch: Batch) -> Tensor | None:
-    mask = batch.get("attention_mask")
-    return None if mask is None else mask.bool()[:, None, None, :]
 
 
 def _bias(linear: nn.Linear) -> Tensor | float:
@@ -39,8 +34,9 @@ class LayeredLM:
     layers: nn.ModuleList
 
     def embed_input(self, batch: Batch) -> Tensor:
-        """Token (+ position) embeddings of ``batch["input_ids"]``."""
-        return self.embed_tokens(batch["input_ids"], batch.get("attention_mask"))  # type: ignore[attr-defined]
+        """Token (+ token-type, + position) embeddings of ``batch["input_ids"]``."""
+        return self.embed_tokens(batch["input_ids"], batch.get("attention_mask"),  # type: ignore[attr-defined]
+                                 batch.get("token_type_ids"))
 
     def context(self, hidden: Tensor, batch: Batch) -> Any:
         """Additive attention mask, RoPE tables and relative-position buckets for ``hidden``'s length."""
@@ -86,6 +82,7 @@ class LayeredLM:
         if embed:
             self.embed = None
             self.pos = None
+            self.token_type = None
             if hasattr(self, "embed_norm"):
                 self.embed_norm = None
         if finish:
@@ -93,54 +90,4 @@ class LayeredLM:
             self.lm_head = None
 
 
-class LayeredBert:
-    """Block-by-block access to a post-norm ``CompactBert``."""
-
-    block_inputs: tuple[str, ...] = ("attention_mask",)
-    config: dict[str, Any]
-    layers: nn.ModuleList
-
-    def embed_input(self, batch: Batch) -> Tensor:
-        """Word + token-type + position embeddings and LayerNorm."""
-        return self.embed_tokens(batch["input_ids"], batch.get("token_type_ids"))  # type: ignore[attr-defined]
-
-    def context(self, hidden: Tensor, batch: Batch) -> Any:
-        """The boolean key mask ``[B, 1, 1, S]`` (or None)."""
-        return _key_mask(batch)
-
-    def run_block(self, k: int, hidden: Tensor, ctx: Any) -> Tensor:
-        """Block ``k`` in full."""
-        return self.layers[k](hidden, ctx)
-
-    def branch(self, k: int, phase: int, hidden: Tensor, ctx: Any) -> Tensor:
-        """Attention (phase 0) or MLP (phase 1) on the un-normalised hidden state."""
-        blk = self.layers[k]
-        return blk.attention(hidden, ctx) if phase == 0 else blk.mlp(hidden)
-
-    def output_bias(self, k: int, phase: int) -> Tensor | float:
-        """Bias of the attention output projection / second MLP linear."""
-        blk = self.layers[k]
-        return _bias(blk.o if phase == 0 else blk.fc2)
-
-    def merge(self, k: int, phase: int, hidden: Tensor, out: Tensor) -> Tensor:
-        """Post-norm residual: ``LN(x + out)``."""
-        blk = self.layers[k]
-        return (blk.norm1 if phase == 0 else blk.norm2)(hidden + out)
-
-    def finish(self, hidden: Tensor, batch: Batch) -> Tensor:
-        """Mean over real tokens (sentence-transformers pooling)."""
-        return pool(hidden, batch.get("attention_mask"), "mean")
-
-    def zero_output_biases(self) -> None:
-        """Shards return partial sums without the projection biases (the host adds them once)."""
-        for blk in self.layers:
-            _zero_bias(blk.o)
-            _zero_bias(blk.fc2)
-
-    def drop_parts(self, *, embed: bool, finish: bool) -> None:
-        """Free the embeddings a later stage or a shard never runs (BERT pools without parameters)."""
-        if embed:
-            self.word = self.position = self.token_type = self.norm = None
-
-
-__all__ = ["LayeredBert", "LayeredLM"]
+__all__ = ["LayeredLM"]
