@@ -178,9 +178,10 @@ class CompactAttention(nn.Module):
         """(Re)create the non-persistent key/value index buffer from the constructor arguments."""
         self.kv_map = None if self._kv_list is None else torch.tensor(self._kv_list, dtype=torch.long)
 
-    def forward(self, x: Tensor, mask: Tensor, rope: tuple[Tensor, Tensor] | None,
+    def forward(self, x: Tensor, mask: Tensor | None, rope: tuple[Tensor, Tensor] | None,
                 buckets: Tensor | None) -> Tensor:
-        """``x [B, T, d]``; ``mask`` additive ``[B, 1, T, T]``; ``rope`` (cos, sin) ``[T, head_dim]``."""
+        """``x [B, T, d]``; ``mask`` additive ``[B, 1, T, T]`` or boolean (True: attend) ``[B, 1, 1, T]``;
+        ``rope`` (cos, sin) ``[T, head_dim]``."""
         b, t, _ = x.shape
         q = self.q(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
         k = self.k(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
@@ -234,7 +235,8 @@ class CompactBlock(nn.Module):
         self.mlp = CompactMLP(d, cfg["mlp"][k], cfg["act"], cfg["gated"], cfg["mlp_bias"])
         self.post_norm = cfg.get("norm_placement", "pre") == "post"
 
-    def forward(self, x: Tensor, mask: Tensor, rope: tuple[Tensor, Tensor] | None, buckets: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor | None, rope: tuple[Tensor, Tensor] | None,
+                buckets: Tensor | None) -> Tensor:
         """One block on the residual stream (pre-norm, or post-norm ``norm(x + f(x))``)."""
         if self.post_norm:
             x = self.norm1(x + self.attn(x, mask, rope, buckets))
@@ -305,7 +307,12 @@ class CompactLM(LayeredLM, SubModel):
         return x
 
     def attention_context(self, x: Tensor, attention_mask: Tensor | None) -> tuple[Any, Any, Any]:
-        """What every block takes besides ``x [B, T, d]``: the additive mask, RoPE (cos, sin), relative buckets."""
+        """What every block takes besides ``x [B, T, d]``: the attention mask, RoPE (cos, sin), relative buckets.
+
+        The mask is additive ``[B, 1, T, T]``; a bidirectional model without a relative bias (BERT)
+        takes the boolean key mask ``[B, 1, 1, T]`` (or ``None``) instead, which attends alike and
+        costs no ``T × T`` tensor per call.
+        """
         cfg = self.config
         b, t = x.shape[:2]
         dev = x.device
@@ -324,6 +331,8 @@ class CompactLM(LayeredLM, SubModel):
             buckets = T5Attention._relative_position_bucket(
                 rel, bidirectional=not cfg["causal"], num_buckets=cfg["rel_buckets"],
                 max_distance=cfg["rel_max_distance"])
+        if not cfg["causal"] and buckets is None:
+            return (None if attention_mask is None else attention_mask.bool()[:, None, None, :]), rope, None
         allowed = torch.ones(b, 1, t, t, dtype=torch.bool, device=dev)
         if attention_mask is not None:
             allowed = allowed & attention_mask.bool()[:, None, None, :]
