@@ -14,7 +14,7 @@ from coformer.artifacts import load_plan
 from coformer.cli import build_cli
 from coformer.experiments.recipe import RecipeError, load_recipe
 from coformer.experiments.recipe_run import RecipeRun, stage_key
-from test_stage_flow import _write_csv
+from tiny_split import tiny_text_project
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,9 +61,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Any:
     root = tmp_path_factory.mktemp("recipe")
     mp = pytest.MonkeyPatch()
     mp.setenv("COFORMER_CACHE", str(root / "cache"))
-    backbone = coformer.create_backbone("bert")
-    backbone.save(backbone.tiny(num_labels=3, seed=1), root / "ckpt")
-    _write_csv(root / "news.csv")
+    tiny_text_project(root)
     (root / "recipe.toml").write_text(RECIPE)
     yield root
     mp.undo()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 from typing import Any
@@ -20,31 +19,14 @@ from coformer.experiments.demo import run_demo
 from coformer.offline.pipeline import accuracy, encode
 from coformer.plan_document import PlanDocumentError
 from coformer.spec import Policy
-
-TOPICS = {"sport": "the team scored a late goal and won the match at the stadium",
-          "business": "shares in the bank fell as markets reacted to the profit warning",
-          "film": "the actor won an award for the film and the director thanked the cast"}
-
-
-def _write_csv(path: Path, per_class: int = 30) -> str:
-    with path.open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["body", "topic"])
-        for i in range(per_class):
-            for topic, text in TOPICS.items():
-                words = text.split()
-                w.writerow([" ".join(words[i % len(words):] + words[: i % len(words)]), topic])
-    return f"csv:{path}?text=body&label=topic"
-
+from tiny_split import TOPICS, tiny_text_project
 
 @pytest.fixture(scope="module")
 def flow(tmp_path_factory: pytest.TempPathFactory) -> Any:
     root = tmp_path_factory.mktemp("flow")
     mp = pytest.MonkeyPatch()
     mp.setenv("COFORMER_CACHE", str(root / "cache"))
-    backbone = coformer.create_backbone("bert")
-    ckpt = str(backbone.save(backbone.tiny(num_labels=3, seed=1), root / "ckpt"))
-    yield {"root": root, "ckpt": ckpt, "data": _write_csv(root / "news.csv")}
+    yield {"root": root, **tiny_text_project(root)}
     mp.undo()
 
 

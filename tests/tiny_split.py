@@ -1,8 +1,11 @@
-"""Small shared test inputs: a tiny BERT cut into sub-models (worker, recovery, testbed tests) and
-linearly separable block images (DeiT flow and pipeline tests)."""
+"""Small shared test inputs: a tiny BERT cut into sub-models (worker, recovery, testbed tests),
+linearly separable block images (DeiT flow and pipeline tests), and a tiny BERT checkpoint with a
+three-topic CSV (a user's own model and data: stage-flow and recipe tests)."""
 
 from __future__ import annotations
 
+import csv
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -42,3 +45,28 @@ def block_images(n: int, seed: int) -> RawSplit:
             (slice(None), slice(0, 16))
         x[i, 0][region] += 0.8
     return RawSplit(x, labels)
+
+
+TOPICS = {"sport": "the team scored a late goal and won the match at the stadium",
+          "business": "shares in the bank fell as markets reacted to the profit warning",
+          "film": "the actor won an award for the film and the director thanked the cast"}
+
+
+def write_topic_csv(path: Path, per_class: int = 30) -> str:
+    """A header row and ``per_class`` rotated sentences per topic; returns its csv: data set URI."""
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["body", "topic"])
+        for i in range(per_class):
+            for topic, text in TOPICS.items():
+                words = text.split()
+                w.writerow([" ".join(words[i % len(words):] + words[: i % len(words)]), topic])
+    return f"csv:{path}?text=body&label=topic"
+
+
+def tiny_text_project(root: Path) -> dict[str, str]:
+    """A tiny BERT checkpoint (``root/ckpt``, 3 labels) and a topic CSV (``root/news.csv``): their
+    paths as ``ckpt`` and the CSV's data set URI as ``data``."""
+    backbone = coformer.create_backbone("bert")
+    ckpt = str(backbone.save(backbone.tiny(num_labels=3, seed=1), root / "ckpt"))
+    return {"ckpt": ckpt, "data": write_topic_csv(root / "news.csv")}
