@@ -95,6 +95,22 @@ def figures() -> list[Figure]:
                "--calib-lr 6e-4 --out {out}/fmnist.json"),
         Figure("demo-vit", "BENCHMARKS 'coformer demo --backbone vit'",
                "coformer demo --backbone vit --out {out}/demo-vit --json {out}/demo-vit.json"),
+        *[Figure(f"ablation-mpnet-{tag}", "BENCHMARKS 2026-12-02 'mpnet calibration settings'",
+                 f"python examples/ablation.py --backbone mpnet --max-length 64 --train-limit 600 "
+                 f"--aggregators mlp_fusion {flags} --out {{out}}/ablation-mpnet-{tag}")
+          for tag, flags in (("3e-4", "--lr 3e-4 --lr-schedule constant"), ("5e-5", "--lr 5e-5 --lr-schedule cosine"))],
+        Figure("demo-mpnet", "BENCHMARKS 2026-12-02 'all-mpnet-base-v2 on BBC News'",
+               "coformer demo --backbone mpnet --out {out}/demo-mpnet --json {out}/demo-mpnet.json"),
+        Figure("bench-mpnet", "BENCHMARKS 2026-12-02 mpnet on the testbed",
+               "coformer bench --testbed --plan {out}/demo-mpnet --link-mbps 2,1000 --requests 40 --warmup 5 "
+               "--out {out}/bench-mpnet", needs_root=True),
+        Figure("recipe-wordnet-minilm", "BENCHMARKS 2026-12-02 'WordNet supersenses through coformer run'",
+               "coformer run examples/recipes/wordnet_minilm.toml --out {out}/wordnet-minilm"),
+        Figure("table5", "BENCHMARKS 'Device count (Table V)'",
+               "python examples/bench_devices.py --layers 0 --out {out}/table5"),
+        Figure("demo-mpnet-wordnet", "BENCHMARKS 2026-12-02 mpnet on WordNet supersenses",
+               "coformer demo --backbone mpnet --data wordnet_supersense?train_size=1500&val_size=500&test_size=500 "
+               "--max-length 32 --no-compressed --out {out}/demo-mpnet-wordnet --json {out}/demo-mpnet-wordnet.json"),
     ]
     return figs
 
