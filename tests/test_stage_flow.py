@@ -63,6 +63,10 @@ def test_plan_then_calibrate_on_a_csv_packages_the_searched_policy(flow: Any) ->
     with torch.inference_mode():
         logits = plan.aggregator([m(**val.batch(torch.arange(len(val)))) for m in submodels])
     assert plan.figures["coformer"]["val_accuracy"] == pytest.approx(accuracy(logits, val.labels), abs=0.01)
+    # every sub-model has its validation and test accuracy in the plan, as the teacher and CoFormer do
+    assert [s["device"] for s in plan.figures["submodels"]] == [d["name"] for d in plan.meta["policy"]["devices"]]
+    for row in [plan.figures["teacher"], plan.figures["coformer"], *plan.figures["submodels"]]:
+        assert 0 <= row["val_accuracy"] <= 100 and 0 <= row["accuracy"] <= 100
 
 
 def test_calibrate_without_a_plan_uses_the_proportional_default(flow: Any) -> None:

@@ -186,14 +186,10 @@ def run_calibrate(*, data: RawDataset, out: str | Path, backbone_name: str | Non
     teacher = prepare_teacher(backbone, data, source=source, seed=seed, load_options=options, progress=progress)
     cal = calibrate_stage(backbone, teacher, config=config, plan=plan, devices=devices, layers=layers,
                           aggregator_name=aggregator_name)
-    with torch.inference_mode():
-        val_acc = accuracy(cal.aggregator(cal.val_features), teacher.val.labels)
-        teacher_val = accuracy(teacher.val_logits, teacher.val.labels)
     record = plan_record(backbone_name, source, options, data, teacher)
     meta = {**record, "seed": seed,
             "booster": {k: str(v) for k, v in vars(config).items()}, "searched": _search_summary(doc),
-            "figures": {"teacher": {"val_accuracy": round(teacher_val, 2)},
-                        "coformer": {"val_accuracy": round(val_acc, 2), "aggregator": aggregator_name}}}
+            "figures": accuracy_figures(cal, teacher, aggregator_name)}
     shutil.rmtree(Path(out) / COMPRESSED_DIR, ignore_errors=True)  # never leave a stale one beside a new plan
     if compressed:
         alone = calibrate_compressed(backbone, teacher, cal, config, aggregator_name, layers=layers)
@@ -203,6 +199,24 @@ def run_calibrate(*, data: RawDataset, out: str | Path, backbone_name: str | Non
                       {**record, "figures": {"compressed": {"val_accuracy": round(alone_val, 2),
                                                             "device": alone.policy.devices[0].name}}})
     return package_stage(out, backbone, teacher, cal, meta)
+
+
+def accuracy_figures(cal: Calibrated, teacher: Teacher, aggregator_name: str) -> dict[str, Any]:
+    """Validation and test accuracy (%) of the teacher, each sub-model (its student head) and CoFormer."""
+    def both(logits_of: Callable[[str], torch.Tensor]) -> dict[str, float]:
+        with torch.inference_mode():
+            return {"val_accuracy": round(accuracy(logits_of("val"), teacher.val.labels), 2),
+                    "accuracy": round(accuracy(logits_of("test"), teacher.test.labels), 2)}
+
+    features = {"val": cal.val_features, "test": cal.test_features}
+    logits = {"val": teacher.val_logits, "test": teacher.test_logits}
+
+    def student(n: int) -> Callable[[str], torch.Tensor]:
+        return lambda split: cal.students[n](features[split][n])
+
+    return {"teacher": both(lambda split: logits[split]),
+            "submodels": [{"device": device.name, **both(student(n))} for n, device in enumerate(cal.policy.devices)],
+            "coformer": {**both(lambda split: cal.aggregator(features[split])), "aggregator": aggregator_name}}
 
 
 def _search_summary(doc: dict[str, Any]) -> dict[str, Any] | None:
