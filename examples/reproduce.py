@@ -111,6 +111,10 @@ def figures() -> list[Figure]:
         Figure("demo-mpnet-wordnet", "BENCHMARKS 2026-12-02 mpnet on WordNet supersenses",
                "coformer demo --backbone mpnet --data wordnet_supersense?train_size=1500&val_size=500&test_size=500 "
                "--max-length 32 --no-compressed --out {out}/demo-mpnet-wordnet --json {out}/demo-mpnet-wordnet.json"),
+        Figure("cfs-period", "BENCHMARKS 2026-12-02 'The testbed's CFS period'",
+               "python examples/cfs_period.py", needs_root=True),
+        Figure("testbed-loop", "BENCHMARKS 2026-12-02 'The loop on the testbed'",
+               "bash examples/testbed_loop.sh {out}/testbed-loop", needs_root=True),
     ]
     return figs
 

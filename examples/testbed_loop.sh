@@ -13,8 +13,8 @@
 #   5. compare:   the plan's predicted T against the bench's measured medians (target within 20%)
 #
 # Run it on a quiet machine (timings on a shared CPU are inflated):
-#   sudo OUT=runs/testbed-loop examples/testbed_loop.sh
-# Knobs (environment): DEVICES, CORES, SHAPES, TRIALS, DELTA, PLAN_RATE, RATES, PY, OUT.
+#   sudo bash examples/testbed_loop.sh runs/testbed-loop
+# Knobs (environment): DEVICES, CORES, SHAPES, TRIALS, DELTA, PLAN_RATE, RATES, PY, OUT (or the first argument).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,7 +26,7 @@ DELTA=${DELTA:-0.5}
 PLAN_RATE=${PLAN_RATE:-2}
 RATES=${RATES:-2,1000}
 PY=${PY:-.venv/bin/python}
-OUT=${OUT:-runs/testbed-loop}
+OUT=${1:-${OUT:-runs/testbed-loop}}
 STATE="$OUT/profile-testbed.json"
 
 cf() { "$PY" -m coformer "$@"; }

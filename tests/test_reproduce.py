@@ -46,7 +46,7 @@ def test_every_figure_command_names_a_real_command_or_script() -> None:
         if argv[0] == "coformer":
             assert argv[1] in commands, f"{f.id}: `coformer {argv[1]}` does not exist"
         else:
-            assert argv[0] == "python" and (ROOT / argv[1]).is_file(), f"{f.id}: {argv[1]} does not exist"
+            assert argv[0] in ("python", "bash") and (ROOT / argv[1]).is_file(), f"{f.id}: {argv[1]} does not exist"
     listing = subprocess.run([sys.executable, str(ROOT / "examples" / "reproduce.py"), "--full", "--list"],
                              capture_output=True, text=True, timeout=120)
     assert listing.returncode == 0, listing.stderr

@@ -60,10 +60,19 @@ def test_quotas_follow_device_gflops() -> None:
     for d, (quota, period) in zip(devs[1:3], limits[1:3]):
         assert period == CFS_PERIOD_US
         assert quota == pytest.approx(CFS_PERIOD_US * d.gflops / devs[0].gflops, abs=1)
-    # 13.5/665.6 of a core is 203 µs per 10 ms, below the kernel's 1 ms floor: the period grows instead
+    # 13.5/665.6 of a core is 81 µs per 4 ms, below the kernel's 1 ms floor: the period grows instead
     quota, period = limits[3]
     assert quota == 1000 and quota / period == pytest.approx(13.5 / 665.6, rel=1e-3)
     assert cpu_limits(devs, cores=2.0)[0] == (2 * CFS_PERIOD_US, CFS_PERIOD_US)
+
+
+def test_the_cfs_period_is_one_scheduler_tick() -> None:
+    # The kernel enforces CFS quotas at tick granularity (4 ms at HZ=250). A 10 ms period let a
+    # 0.35-core device run a 5.6 ms request at 0.41 of its ideal slowdown, and made its latency
+    # predictor's held-out MAPE 61%; a shorter period overshoots. examples/cfs_period.py.
+    assert CFS_PERIOD_US == 4_000
+    quota, period = cfs_limit(0.3543)
+    assert period == 4_000 and quota == 1_417
 
 
 def test_cfs_limit_rejects_a_non_positive_share() -> None:

@@ -12,10 +12,11 @@ Each worker gets
 * a cgroup v1 ``cpu`` group (``/sys/fs/cgroup/cpu/coformer-<name>``) whose
   ``cpu.cfs_quota_us``/``cpu.cfs_period_us`` follow the chosen device profiles' GFLOPS ratios,
   scaled so the strongest device gets ``cores`` CPUs, with torch threads matched to its quota.
-  The CFS period is short (:data:`~coformer.cpu_quota.CFS_PERIOD_US`, 10 ms): with the kernel's
-  default 100 ms a request that needs less CPU than one period's quota runs at full speed (a
-  0.35-core "Nano" answered a 2 ms request in 3 ms instead of ~9 ms), so slow devices were not
-  slow per request.
+  The CFS period is one scheduler tick (:data:`~coformer.cpu_quota.CFS_PERIOD_US`, 4 ms): with
+  a longer one a request that needs less CPU than one period's quota runs at full speed (at 10 ms a
+  0.35-core "Nano" ran a 5.6 ms request at 0.41 of its ideal slowdown), so slow devices were not
+  slow per request; a shorter one overshoots, as quotas are enforced at ticks. Requests under
+  about one tick of CPU still run at full speed: the emulation's floor.
 
 Workers serve with any transport that can (``transport``, default :data:`coformer.defaults.TRANSPORT`);
 the transport says which URI reaches each one. Everything created is recorded in a JSON state file *as it is created*, so :func:`down`
