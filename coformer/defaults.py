@@ -20,3 +20,5 @@ TRANSPORT = "grpc"
 LOCAL_TRANSPORT = "inproc"
 #: Where ``coformer worker`` listens unless told otherwise: loopback only.
 WORKER_LISTEN = "127.0.0.1:50051"
+#: How ``coformer profile`` can summarise a shape's timing repeats (the first is its default).
+TIMING_STATISTICS = ("median", "mean", "min")

@@ -53,6 +53,17 @@ def sample_policies(evaluator: Any, encoding: Any, n: int, seed: int) -> list[An
     return out
 
 
+def spread_policies(evaluator: Any, encoding: Any, n: int, seed: int, pool: int = 20) -> list[Any]:
+    """``n`` feasible policies at evenly spaced quantiles of total FLOPs, from ``pool * n`` random ones.
+
+    Uniform draws have similar total sizes (a sum of uniforms), so their calibrated accuracies
+    differ by a few validation documents; a search meets small and large policies alike."""
+    candidates = sample_policies(evaluator, encoding, pool * n, seed)
+    candidates.sort(key=lambda p: sum(evaluator.cost(s).flops for s in p.specs))
+    step = (len(candidates) - 1) / max(1, n - 1)
+    return [candidates[round(i * step)] for i in range(min(n, len(candidates)))]
+
+
 def calibrated_accuracy(backbone: Any, teacher: Any, policy: Any, importance: Any, config: Any,
                         train: Any, train_labels: Any, aggregator_name: str) -> float:
     """CoFormer's validation accuracy (%) after calibrating ``policy`` on ``train``."""
@@ -86,6 +97,8 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=64)
     ap.add_argument("--devices", default="jetson-nano,jetson-tx2,orin-nano")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--spread", action="store_true",
+                    help="policies at evenly spaced quantiles of total FLOPs instead of uniform draws")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--quick", action="store_true", help="tiny sizes for a smoke test")
     ap.add_argument("--resume", action="store_true",
@@ -134,7 +147,7 @@ def main() -> None:
     probe_ev = Evaluator(backbone, teacher.model, devices, probe_train=probe, proxy="probe", **common)
     seed_ev = Evaluator(backbone, teacher.model, devices, proxy="uncalibrated", **common)
     encoding = PolicyEncoding(backbone.shape(teacher.model), tuple(devices))
-    policies = sample_policies(probe_ev, encoding, args.policies, args.seed)
+    policies = (spread_policies if args.spread else sample_policies)(probe_ev, encoding, args.policies, args.seed)
     overrides = {"seed": args.seed, **({"epochs": args.epochs} if args.epochs is not None else {})}
     config = BoosterConfig.for_backbone(backbone, **overrides)
 
@@ -157,6 +170,7 @@ def main() -> None:
         t1 = time.perf_counter()
         acc = calibrated_accuracy(backbone, teacher, policy, importance, config, calib_train, hard, args.aggregator)
         rows.append({"policy": [s.to_dict() for s in policy.specs], "probe_L_val": probe_L,
+                     "total_flops": sum(probe_ev.cost(s).flops for s in policy.specs),
                      "uncalibrated_L_val": seed_L, "calibrated_val_accuracy": acc,
                      "probe_seconds": t_probe, "calibration_seconds": time.perf_counter() - t1})
         print(f"[{i + 1}/{len(policies)}] layers {[s.layers for s in policy.specs]} "

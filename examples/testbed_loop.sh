@@ -14,13 +14,17 @@
 #
 # Run it on a quiet machine (timings on a shared CPU are inflated):
 #   sudo bash examples/testbed_loop.sh runs/testbed-loop
-# Knobs (environment): DEVICES, CORES, SHAPES, TRIALS, DELTA, PLAN_RATE, RATES, PY, OUT (or the first argument).
+# Knobs (environment): DEVICES, CORES, SHAPES, REPEATS, STATISTIC, TRIALS, DELTA, PLAN_RATE, RATES, PY, OUT (or the first argument).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 DEVICES=${DEVICES:-jetson-nano,jetson-tx2,orin-nano}
 CORES=${CORES:-1.0}
 SHAPES=${SHAPES:-40}
+# many repeats, averaged: under a quota a small request either fits in the current tick or waits a
+# period, so a few repeats' median flips between the two
+REPEATS=${REPEATS:-40}
+STATISTIC=${STATISTIC:-mean}
 TRIALS=${TRIALS:-30}
 DELTA=${DELTA:-0.5}
 PLAN_RATE=${PLAN_RATE:-2}
@@ -46,7 +50,7 @@ for i in "${!DEVS[@]}"; do
   dev=${DEVS[$i]}
   # the worker's URI as its transport forms it (the testbed records which transport serves it)
   uri=$("$PY" -c "import sys; from coformer.experiments.testbed import Testbed; print(Testbed.load(sys.argv[1]).uris[$i])" "$STATE")
-  cf profile --device-name "$dev" --worker "$uri" --shapes "$SHAPES" --out "$OUT/profiles/$dev.json"
+  cf profile --device-name "$dev" --worker "$uri" --shapes "$SHAPES" --repeats "$REPEATS" --statistic "$STATISTIC" --out "$OUT/profiles/$dev.json"
 done
 cf testbed down --state "$STATE"
 "$PY" - "$OUT/profiles" <<'PYEOF'

@@ -130,3 +130,15 @@ def test_profile_command_times_the_input_plans_are_costed_on(tiny, tmp_path: Pat
     assert meta["input_shapes"] == expected
     # a real article fills the teacher's max_length; the example batch would be shorter or padded differently
     assert expected["input_ids"][1] == teacher.max_length
+
+
+def test_the_mean_statistic_is_the_expected_latency_of_bimodal_samples():
+    from coformer.offline.profiler import summarise
+
+    # one shape's repeats on the 0.35-core testbed Nano: within a tick, or throttled to the next period
+    samples = [2.9, 12.4, 2.7, 11.1, 2.8]
+    assert summarise(samples, "median") == 2.9
+    assert summarise(samples, "mean") == pytest.approx(6.38)
+    assert summarise(samples, "min") == 2.7
+    with pytest.raises(ValueError, match="median, mean, min"):
+        summarise(samples, "p90")

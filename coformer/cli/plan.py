@@ -24,7 +24,8 @@ from coformer.cli.app import DATA_HELP, cli, console
 @click.option("--shapes", type=int, default=50, show_default=True, help="How many sub-model shapes.")
 @click.option("--repeats", type=int, default=5, show_default=True)
 @click.option("--warmup", type=int, default=2, show_default=True)
-@click.option("--statistic", type=click.Choice(["median", "min"]), default="median", show_default=True)
+@click.option("--statistic", type=click.Choice(defaults.TIMING_STATISTICS), default=defaults.TIMING_STATISTICS[0], show_default=True,
+              help="How the repeats are summarised; `mean` for a device under a CPU quota.")
 @click.option("--train/--no-train", default=True, show_default=True,
               help="Also train the latency predictor and report held-out error.")
 @click.option("--max-length", type=int, default=64, show_default=True,
