@@ -29,6 +29,7 @@ from coformer.experiments.testbed import (
     leftovers_of,
     parse_rate,
     status,
+    tbf_burst_bytes,
     unavailable_reason,
     up,
 )
@@ -43,7 +44,6 @@ pytestmark = pytest.mark.timeout(240)
 
 DEVICES = ["jetson-tx2", "jetson-nano"]
 RATES = ["2mbit", "1000mbit"]
-TBF_BURST_BYTES = 16 * 1024  # the testbed's tbf burst at 2 Mbit/s (coformer.experiments.testbed._tbf: at least 16 KiB)
 
 
 def _sh(*cmd: str) -> str:
@@ -73,6 +73,13 @@ def test_the_cfs_period_is_one_scheduler_tick() -> None:
     assert CFS_PERIOD_US == 4_000
     quota, period = cfs_limit(0.3543)
     assert period == 4_000 and quota == 1_417
+
+
+def test_a_slow_link_shapes_even_a_small_request() -> None:
+    # The bucket passes its bytes at line rate: at 16 KiB (before) a 4 KB CoFormer request crossed
+    # a "2 Mbit/s" link in well under a millisecond instead of 16 ms.
+    assert tbf_burst_bytes("2mbit") * 8 / 2e6 <= 0.0125  # at most two full-size frames' worth
+    assert tbf_burst_bytes("1000mbit") >= 1e9 / 8 / 100  # a 10 ms tick of traffic at a fast rate
 
 
 def test_cfs_limit_rejects_a_non_positive_share() -> None:
@@ -179,7 +186,7 @@ def test_workers_answer_over_shaped_links_and_2mbit_is_slower(bed: Testbed, tiny
     rows = int(coord.worker_limits()[0]["max_batch"])
     big = {k: v[:1].repeat(rows, 64 // v.shape[1]) for k, v in tiny["batch"].items()}
     nbytes = len(encode_batch(big))
-    wire_s = (nbytes - TBF_BURST_BYTES) * 8 / 2e6
+    wire_s = (nbytes - tbf_burst_bytes("2mbit")) * 8 / 2e6
     t2 = {u: [] for u in bed.uris}
     for _ in range(3):
         a = coord.infer(big)

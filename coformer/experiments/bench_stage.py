@@ -113,9 +113,7 @@ def process_peak_rss(pids: dict[str, int | None]) -> Callable[[], dict[str, int]
 def reshape_links(bed: tb.Testbed, rate_mbps: float) -> None:
     """Change every testbed link (both ends) to ``rate_mbps`` by replacing its tbf qdisc."""
     rate = tb.parse_rate(rate_mbps)
-    # as in coformer.experiments.testbed: the burst must hold one timer tick of traffic and a full-size packet
-    burst = str(max(16 * 1024, int(tb.rate_bits(rate) / 8 / 100)))
-    tbf = ["tbf", "rate", rate, "burst", burst, "latency", "200ms"]
+    tbf = tb.tbf_qdisc(rate)
     for w in bed.workers:
         for cmd in (["tc", "qdisc", "replace", "dev", w.host_if, "root", *tbf],
                     ["ip", "netns", "exec", w.namespace, "tc", "qdisc", "replace", "dev", w.ns_if, "root", *tbf]):

@@ -164,10 +164,22 @@ def _run(*cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return res
 
 
-def _tbf(rate: str) -> list[str]:
-    # burst must hold at least one timer tick of traffic (HZ ≥ 100) and a full-size packet
-    burst = max(16 * 1024, int(rate_bits(rate) / 8 / 100))
-    return ["tbf", "rate", rate, "burst", str(burst), "latency", "200ms"]
+#: Two full-size Ethernet frames: the smallest bucket tbf shapes reliably with.
+MIN_TBF_BURST_BYTES = 2 * 1514
+
+
+def tbf_burst_bytes(rate: str) -> int:
+    """The tbf bucket for ``rate``: one 10 ms timer tick of traffic, at least two full-size frames.
+
+    A full bucket passes its bytes at line rate, so a bigger one leaves small requests unshaped
+    (a 16 KiB bucket let every request under 16 KiB cross a "2 Mbit/s" link in well under 1 ms).
+    """
+    return max(MIN_TBF_BURST_BYTES, int(rate_bits(rate) / 8 / 100))
+
+
+def tbf_qdisc(rate: str) -> list[str]:
+    """The ``tc qdisc`` arguments that shape a link to ``rate`` (both ends of every testbed link)."""
+    return ["tbf", "rate", rate, "burst", str(tbf_burst_bytes(rate)), "latency", "200ms"]
 
 
 def _worker_cmd(w: TestbedWorker) -> list[str]:
@@ -257,8 +269,8 @@ def _create_network(bed: Testbed, w: TestbedWorker) -> None:
     _run("ip", "-n", w.namespace, "addr", "add", f"{w.ns_ip}/30", "dev", w.ns_if)
     _run("ip", "-n", w.namespace, "link", "set", w.ns_if, "up")
     _run("ip", "-n", w.namespace, "link", "set", "lo", "up")
-    _run("tc", "qdisc", "add", "dev", w.host_if, "root", *_tbf(w.rate))
-    _run("ip", "netns", "exec", w.namespace, "tc", "qdisc", "add", "dev", w.ns_if, "root", *_tbf(w.rate))
+    _run("tc", "qdisc", "add", "dev", w.host_if, "root", *tbf_qdisc(w.rate))
+    _run("ip", "netns", "exec", w.namespace, "tc", "qdisc", "add", "dev", w.ns_if, "root", *tbf_qdisc(w.rate))
     w.created.append("qdisc")
     bed.save()
 
