@@ -42,7 +42,7 @@ def test_T_matches_the_formula_on_a_hand_example(tiny):
     b = DeviceProfile("b", memory_gb=4, gflops=400.0, power_w=5, link_mbps=16.0)
     ev = Evaluator(backbone, teacher, [a, b], predictors={"a": LayersPredictor()}, batch_size=2)
     sa, sb = SubModelSpec.uniform(2, 12, 2, 20), SubModelSpec.uniform(1, 20, 2, 30)
-    T, t1, src, t2, t3 = ev.latency(Policy([sa, sb], [a, b]))
+    T, t1, src, t2, t3, t0 = ev.latency(Policy([sa, sb], [a, b]))
     assert ev.topology == Topology("coordinator")  # the runtime's: a separate coordinator
     flops_b = ev.cost(sb).flops
     assert t1 == pytest.approx([2 * 2 + 0.1 * 12, flops_b / 400e9 * 1000])
@@ -59,9 +59,33 @@ def test_T_matches_the_formula_on_a_hand_example(tiny):
     assert ev_link.latency(Policy([sa, sb], [a, b]))[3][0] == pytest.approx((x_in + 48) * 8 / 1e9 * 1000)
     # central node on device a (index 0): a's t2 is 0, b pays its own link, t3 runs at a's rate
     ev_dev = Evaluator(backbone, teacher, [a, b], topology=Topology("device", 0), batch_size=2)
-    _, _, _, t2d, t3d = ev_dev.latency(Policy([sa, sb], [a, b]))
+    _, _, _, t2d, t3d, _ = ev_dev.latency(Policy([sa, sb], [a, b]))
     assert t2d == pytest.approx([0.0, (x_in + 80) * 8 / 16e6 * 1000])
     assert t3d == pytest.approx(2 * 2 * d * (12 + 20) / 100e9 * 1000)
+
+
+class CallOverheadPredictor(LayersPredictor):
+    """As profiled through a worker: each call also costs 3 ms of serialisation and RPC."""
+
+    call_overhead_ms = 3.0
+
+
+def test_T_includes_the_call_overhead_of_devices_profiled_through_their_worker(tiny):
+    """Old T had no per-call runtime cost: a plan of 1 ms sub-models predicted 1.1 ms where the
+    testbed measured 4.4 ms at 1 Gb/s."""
+    backbone, teacher, _ = tiny
+    a = DeviceProfile("a", memory_gb=4, gflops=100.0, power_w=5, link_mbps=1000.0)
+    b = DeviceProfile("b", memory_gb=4, gflops=400.0, power_w=5, link_mbps=1000.0)
+    policy = Policy([SubModelSpec.uniform(1, 12, 2, 20), SubModelSpec.uniform(1, 20, 2, 30)], [a, b])
+    ev = Evaluator(backbone, teacher, [a, b], predictors={"a": CallOverheadPredictor()})
+    T, t1, _, t2, t3, t0 = ev.latency(policy)
+    assert t0 == [3.0, 0.0]  # b has no profiled predictor: no measured call cost
+    assert T == pytest.approx(max(3.0 + t1[0] + t2[0], t1[1] + t2[1]) + t3)
+    assert [d["t0_ms"] for d in ev.evaluate(policy).components()["devices"]] == [3.0, 0.0]
+    # the central device is called by no one
+    central = Evaluator(backbone, teacher, [a, b], predictors={"a": CallOverheadPredictor()},
+                        topology=Topology("device", 0))
+    assert central.latency(policy).t0 == [0.0, 0.0]
 
 
 def test_only_the_central_device_skips_t2_even_when_devices_share_its_name(tiny):

@@ -76,3 +76,22 @@ def test_the_script_reports_and_fails_outside_the_target(planned, tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 1, res.stderr
     assert "1.30  NO" in res.stdout
+
+
+class _CallOverheadPredictor:
+    call_overhead_ms = 3.0
+
+    def predict(self, spec: SubModelSpec) -> float:
+        return 0.5 * spec.layers
+
+
+def test_the_call_overhead_is_part_of_the_re_evaluated_T():
+    backbone = coformer.create_backbone("bert")
+    teacher = backbone.tiny(num_labels=3).eval()
+    devs = [DeviceProfile("jetson-nano", 4, 235.8, 10), DeviceProfile("jetson-tx2", 8, 665.6, 15)]
+    policy = Policy([SubModelSpec.uniform(2, 12, 2, 20), SubModelSpec.uniform(1, 8, 1, 16)], devs)
+    predictors = {"jetson-nano": _CallOverheadPredictor()}
+    at = {r: Evaluator(backbone, teacher, devs, link_mbps=r, predictors=predictors).evaluate(policy)
+          for r in (2.0, 1000.0)}
+    assert at[1000.0].T_ms > 3.0
+    assert predicted_T_ms(at[2.0].components(), 1000.0) == pytest.approx(at[1000.0].T_ms)

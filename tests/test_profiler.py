@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import coformer
+from coformer.cpu_quota import CFS_PERIOD_US
 from coformer.offline import profiler
 from coformer.offline.profiler import (
     CgroupUnavailableError,
@@ -103,7 +104,8 @@ def test_cpu_quota_profile_runs_in_a_cgroup_and_cleans_up(tiny):
     batch = backbone.example_batch(teacher, batch_size=1, seed=3)
     batch = {k: v[:, :12] for k, v in batch.items()}
     prof = profile_cpu_quota("bert", "tiny", specs, 0.5, device="half-core", warmup=1, repeats=3, batch=batch)
-    assert prof.meta["cfs_quota_us"] == 5_000 and prof.meta["cfs_period_us"] == 10_000 and prof.meta["threads"] == 1
+    assert (prof.meta["cfs_quota_us"], prof.meta["cfs_period_us"]) == (CFS_PERIOD_US // 2, CFS_PERIOD_US)
+    assert prof.meta["threads"] == 1
     # the child timed the input it was handed, not its own example batch
     assert prof.meta["input_shapes"] == {"input_ids": [1, 12], "attention_mask": [1, 12]}
     assert [r.spec for r in prof.records] == specs
@@ -142,3 +144,17 @@ def test_the_mean_statistic_is_the_expected_latency_of_bimodal_samples():
     assert summarise(samples, "min") == 2.7
     with pytest.raises(ValueError, match="median, mean, min"):
         summarise(samples, "p90")
+
+
+def test_a_profile_through_a_worker_gives_its_predictor_the_call_overhead(tmp_path: Path):
+    """The plan's latency model had no per-call runtime cost (t0); a worker's profile now measures it."""
+    from coformer.offline.predictor import LatencyPredictor
+    from coformer.offline.profile_stage import ProfileSettings, run_profile
+
+    settings = ProfileSettings(device_name="dev", source="tiny", worker="inproc://call-overhead-test", shapes=5,
+                               repeats=2, warmup=1)
+    outcome = run_profile(settings, tmp_path / "dev.json")
+    overhead = outcome.profile.meta["call_overhead_ms"]
+    assert overhead > 0
+    assert outcome.predictor is not None
+    assert LatencyPredictor.load(outcome.predictor).call_overhead_ms == pytest.approx(overhead)

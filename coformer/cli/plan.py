@@ -118,6 +118,7 @@ def render_plan(doc: dict[str, Any], out: str) -> None:
     console.print(f"best Ψ {comp['psi']:.4f} = L_val {comp['L_val']:.4f} + {doc['delta']}·T {comp['T_ms']:.3f} ms "
                   f"after {doc['model_evaluations']} evaluations ({len(doc['trials'])} proposals)")
     for d in comp["devices"]:
-        console.print(f"  [{d['index']}] {d['name']}: t1 {d['t1_ms']:.3f} ms ({d['t1_source']}), t2 {d['t2_ms']:.4f} ms, "
+        console.print(f"  [{d['index']}] {d['name']}: t0 {d.get('t0_ms', 0.0):.3f} ms, t1 {d['t1_ms']:.3f} ms ({d['t1_source']}), "
+                      f"t2 {d['t2_ms']:.4f} ms, "
                       f"L_val {d['L_val']:.4f}, {d['gflops']:.3f} GFLOPs")
     console.print(f"wrote {out}/plan.json and {out}/convergence.png")

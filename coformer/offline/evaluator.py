@@ -5,7 +5,10 @@ two halves of one objective, kept beside the formula they implement.)
 
 Latency model (seed eqs. 3–6), every time in milliseconds, matching the runtime's data path::
 
-    T    = max_n (t1_n + t2_n) + t3
+    T    = max_n (t0_n + t1_n + t2_n) + t3
+    t0_n                          the runtime's fixed cost of one call to device n (serialisation and
+                                  the RPC stack at both ends), measured when the device's predictor
+                                  was profiled through its worker; 0 without such a predictor
     t1_n = f_n(C_n)               the device's learned latency predictor; without one, FLOPs(C_n) /
                                   device GFLOPS — labelled ``estimate (FLOPs/GFLOPS)`` in ``t1_source``
     t2_n = (|input| + |X_n|) / r_n  the request broadcast to device n and its features returned,
@@ -54,7 +57,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import torch
 from torch import nn
@@ -118,6 +121,17 @@ class Topology:
         return cls(**dict(data)) if data else cls()
 
 
+class LatencyBreakdown(NamedTuple):
+    """T (ms) of one policy with its parts; per-device lists are in policy order."""
+
+    T: float
+    t1: list[float]
+    t1_source: list[str]
+    t2: list[float]
+    t3: float
+    t0: list[float]
+
+
 @dataclass
 class Evaluation:
     """One policy's score: Ψ, T with its t1/t2/t3 breakdown per device, L_val per sub-model."""
@@ -138,15 +152,17 @@ class Evaluation:
     violations: list[str] = field(default_factory=list)
     proxy: str = ""
     wire_bytes: list[int] = field(default_factory=list)
+    t0_ms: list[float] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
         return asdict(self)
 
     def components(self) -> dict[str, Any]:
-        """Ψ, T, L_val and, per device (a list in policy order), t1 (with its source), t2, loss and costs."""
+        """Ψ, T, L_val and, per device (a list in policy order), t0, t1 (with its source), t2, loss and costs."""
         per = [
-            {"index": i, "name": d["name"], "t1_ms": self.t1_ms[i], "t1_source": self.t1_source[i],
+            {"index": i, "name": d["name"], "t0_ms": self.t0_ms[i] if self.t0_ms else 0.0,
+             "t1_ms": self.t1_ms[i], "t1_source": self.t1_source[i],
              "t2_ms": self.t2_ms[i], "wire_bytes": self.wire_bytes[i] if self.wire_bytes else None,
              "L_val": self.losses[i] if self.losses else None,
              "gflops": self.costs[i]["flops"] / 1e9 if self.costs else None,
@@ -289,11 +305,11 @@ class Evaluator:
                 else x_in + spec.embed_dim * FEATURE_BYTES * self.batch_size
                 for i, spec in enumerate(policy.specs)]
 
-    def latency(self, policy: Policy) -> tuple[float, list[float], list[str], list[float], float]:
-        """``(T, t1, t1_source, t2, t3)`` in ms for a policy whose structure is valid."""
+    def latency(self, policy: Policy) -> LatencyBreakdown:
+        """T and its parts (ms) for a policy whose structure is valid."""
         self.topology.validate(len(policy.devices))
         wire = self.wire_bytes(policy)
-        t1, src, t2 = [], [], []
+        t0, t1, src, t2 = [], [], [], []
         for i, (spec, dev) in enumerate(zip(policy.specs, policy.devices)):
             pred = self.predictors.get(dev.name)
             if pred is not None:
@@ -302,12 +318,13 @@ class Evaluator:
             else:
                 t1.append(self.cost(spec).flops / (dev.gflops * 1e9) * 1000.0)
                 src.append(ESTIMATE_LABEL)
+            t0.append(float(getattr(pred, "call_overhead_ms", 0.0)) if wire[i] else 0.0)
             t2.append(wire[i] * 8 / (self.link_rate_mbps(dev) * 1e6) * 1000.0)
         d_agg = sum(s.embed_dim for s in policy.specs)
         g = self.aggregator_gflops(policy.devices)
         t3 = 2.0 * self.batch_size * self.shape.embed_dim * d_agg / (g * 1e9) * 1000.0
-        T = max(a + b for a, b in zip(t1, t2)) + t3
-        return T, t1, src, t2, t3
+        T = max(a + b + c for a, b, c in zip(t0, t1, t2)) + t3
+        return LatencyBreakdown(T, t1, src, t2, t3, t0)
 
     # -- accuracy proxy ---------------------------------------------------------------
     def calibration_batch(self) -> Batch:
@@ -403,11 +420,11 @@ class Evaluator:
             ev = Evaluation(policy.to_dict(), False, delta=self.delta, violations=[str(v) for v in violations],
                             proxy=self.proxy)
         else:
-            T, t1, src, t2, t3 = self.latency(policy)
+            T, t1, src, t2, t3, t0 = self.latency(policy)
             L, losses = self.submodel_losses(policy.specs) if self.val is not None else (0.0, [])
             self.model_evaluations += 1 if self.val is not None else 0
             ev = Evaluation(policy.to_dict(), True, L + self.delta * T, T, L, self.delta, t1, src, t2, t3,
                             self.topology.to_dict(), losses, [self.cost(s).to_dict() for s in policy.specs],
-                            proxy=self.proxy, wire_bytes=self.wire_bytes(policy))
+                            proxy=self.proxy, wire_bytes=self.wire_bytes(policy), t0_ms=t0)
         self._cache[key] = ev
         return ev

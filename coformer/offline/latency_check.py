@@ -1,7 +1,8 @@
 """Predicted T (a ``coformer plan`` document) against end-to-end latency measured by ``coformer bench``.
 
 The plan stores, per device, the predicted compute t1 and the bytes its link carries per
-request; T at any link rate r is therefore max_n(t1_n + bytes_n·8/r) + t3, re-evaluated at each
+request; T at any link rate r is therefore max_n(t0_n + t1_n + bytes_n·8/r) + t3 (t0: the
+runtime's fixed cost per call, when the device was profiled through its worker), re-evaluated at each
 rate the bench measured and compared with CoFormer's median there.
 """
 
@@ -19,7 +20,8 @@ def predicted_T_ms(predicted: Mapping[str, Any], rate_mbps: float) -> float:
     if not isinstance(devices, list) or any(d.get("wire_bytes") is None for d in devices):
         raise ValueError("the plan's 'predicted' entry has no per-device wire_bytes; it was written before the "
                          "latency model became the runtime's — re-run `coformer plan`")
-    worst = max(d["t1_ms"] + d["wire_bytes"] * 8 / (rate_mbps * 1e6) * 1000.0 for d in devices)
+    worst = max(d.get("t0_ms", 0.0) + d["t1_ms"] + d["wire_bytes"] * 8 / (rate_mbps * 1e6) * 1000.0
+                for d in devices)
     return worst + float(predicted["t3_ms"])
 
 

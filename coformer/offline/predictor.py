@@ -64,6 +64,8 @@ class LatencyPredictor(nn.Module):
         self.register_buffer("y_mean", torch.zeros(()))
         self.register_buffer("y_std", torch.ones(()))
         self.meta: dict[str, Any] = {}
+        #: the runtime's fixed cost of one call to this device (ms), when it was profiled through its worker
+        self.call_overhead_ms = 0.0
 
     def forward(self, x: Tensor) -> Tensor:
         """Latency (ms) for raw feature rows ``x`` ``[B, 4]``."""
@@ -126,7 +128,7 @@ class LatencyPredictor(nn.Module):
         doc = {"kind": "coformer-latency-predictor", "device": self.device_name, "hidden": self.hidden,
                "inputs": ["layers", "embed_dim", "mean_heads", "mean_mlp"], "unit": "ms",
                "target": "log_ms" if self.log_target else "ms",
-               "weights": weights.name, "meta": self.meta}
+               "call_overhead_ms": self.call_overhead_ms, "weights": weights.name, "meta": self.meta}
         meta_file.write_text(json.dumps(doc, indent=2))
         return meta_file
 
@@ -145,6 +147,7 @@ class LatencyPredictor(nn.Module):
         model = cls(doc["device"], doc["hidden"], log_target=doc.get("target", "ms") == "log_ms")
         model.load_state_dict(load_file(str(base.parent / doc["weights"])))
         model.meta = doc.get("meta", {})
+        model.call_overhead_ms = float(doc.get("call_overhead_ms", 0.0))
         return model.eval()
 
 

@@ -80,6 +80,7 @@ def run_profile(settings: ProfileSettings, out: str | Path, *, progress: bool = 
     outcome = ProfileOutcome(prof, Path(js), Path(cs))
     if s.train:
         pred, report = train_and_score(prof.records, s.device_name, seed=s.seed)
+        pred.call_overhead_ms = float(prof.meta.get("call_overhead_ms", 0.0))
         outcome.predictor = Path(pred.save(Path(js).with_name(f"{s.device_name}-predictor")))
         outcome.report = report
         Path(js).with_name(f"{s.device_name}-predictor-report.json").write_text(json.dumps(

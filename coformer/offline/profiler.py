@@ -218,7 +218,12 @@ def profile_local(backbone: Backbone, teacher: nn.Module, specs: Sequence[SubMod
 def profile_remote(backbone: Backbone, teacher: nn.Module, specs: Sequence[SubModelSpec], uri: str, *,
                    device: str, warmup: int = 2, repeats: int = 5, batch: Batch | None = None,
                    progress: bool = False, statistic: str = "median") -> Profile:
-    """Time each spec on the worker at ``uri``, using the compute time the worker reports."""
+    """Time each spec on the worker at ``uri``, using the compute time the worker reports.
+
+    The rest of each round trip (serialisation and the RPC stack at both ends) is the runtime's
+    fixed cost per call; its median over every call is ``meta["call_overhead_ms"]``, which the
+    device's predictor carries into the plan's latency model (t0).
+    """
     import coformer
     from coformer.artifacts import submodel_artifact
     from coformer.measure import count_flops
@@ -226,6 +231,7 @@ def profile_remote(backbone: Backbone, teacher: nn.Module, specs: Sequence[SubMo
     client = coformer.open_transport(uri)
     batch = batch if batch is not None else backbone.example_batch(teacher, batch_size=1)
     records = []
+    overhead_ms: list[float] = []  # round trip - the compute the worker reports: serialisation + RPC
     bar, desc = _progress(len(specs), f"profiling {device} via {uri}", progress)
     try:
         with bar:
@@ -237,13 +243,18 @@ def profile_remote(backbone: Backbone, teacher: nn.Module, specs: Sequence[SubMo
                 client.load(art)
                 for _ in range(warmup):
                     client.infer(art.sha256, batch)
-                samples = [client.infer(art.sha256, batch).compute_ms for _ in range(repeats)]
+                samples = []
+                for _ in range(repeats):
+                    start = time.perf_counter()
+                    compute_ms = client.infer(art.sha256, batch).compute_ms
+                    overhead_ms.append((time.perf_counter() - start) * 1000 - compute_ms)
+                    samples.append(compute_ms)
                 records.append(ProfileRecord(spec, flops, summarise(samples, statistic), device, samples))
                 bar.advance(task)
     finally:
         client.close()
     meta = {"where": "remote", "uri": uri, "warmup": warmup, "repeats": repeats, "batch_size": 1,
-            "statistic": statistic,
+            "statistic": statistic, "call_overhead_ms": statistics.median(overhead_ms),
             "input_shapes": {k: list(v.shape) for k, v in batch.items()}}
     return Profile(device, backbone.name, records, meta)
 
