@@ -43,3 +43,28 @@ def test_quick_run_reports_both_proxies_against_calibrated_accuracy(tmp_path: Pa
         assert len(row["policy"]) == 3  # Nano, TX2, Orin Nano
     assert -1 <= doc["spearman_probe"] <= 1 and -1 <= doc["spearman_uncalibrated"] <= 1
     assert doc["calibration"]["epochs"] == 1 and "Spearman rho" in run.stdout
+
+
+def test_spread_policies_span_the_pool_from_smallest_to_largest_total_flops():
+    from types import SimpleNamespace
+
+    class Encoding:
+        def sample(self, rng):
+            return (rng.randrange(1, 1000), rng.randrange(1, 1000))
+
+        def policy(self, x):
+            return SimpleNamespace(specs=x)
+
+    class Evaluator:
+        def check(self, policy):
+            return []
+
+        def cost(self, spec):
+            return SimpleNamespace(flops=float(spec))
+
+    mod = _module()
+    pool = mod.sample_policies(Evaluator(), Encoding(), 4 * 5, seed=3)
+    spread = mod.spread_policies(Evaluator(), Encoding(), 5, seed=3, pool=4)
+    totals = [sum(p.specs) for p in spread]
+    assert len(spread) == 5 and totals == sorted(totals)
+    assert totals[0] == min(sum(p.specs) for p in pool) and totals[-1] == max(sum(p.specs) for p in pool)
