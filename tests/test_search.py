@@ -109,3 +109,31 @@ def test_random_search_meets_infeasible_proposals_and_skips_them(tiny):
     result = coformer.create_search_strategy("random", seed=1).search(ev, 5)
     assert any(not t.feasible for t in result.trials)  # the budget really bites
     assert ev.model_evaluations <= 5
+
+
+@pytest.mark.parametrize("failure", ["ModelFittingError", "OptimizationGradientError"])
+def test_ax_gp_ei_proposes_at_random_when_botorch_fails_numerically(tiny, monkeypatch, failure):
+    """NaN gradients in the acquisition optimiser (OptimizationGradientError) stopped a 50-trial
+    search; like a GP that cannot be fitted, the trial is now proposed at random and recorded."""
+    import numpy as np
+    from ax.api.client import Client
+    from botorch.exceptions import errors
+
+    backbone, teacher, val = tiny
+    ev = Evaluator(backbone, teacher, [DeviceProfile("a", 8, 100.0, 5), DeviceProfile("b", 8, 400.0, 5)],
+                   val=val, delta=0.5)
+    real = Client.get_next_trials
+    calls = []
+
+    def flaky(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            extra = {"current_x": np.zeros(3)} if failure == "OptimizationGradientError" else {}
+            raise getattr(errors, failure)("numerical trouble", **extra)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Client, "get_next_trials", flaky)
+    strategy = coformer.create_search_strategy("ax_gp_ei", seed=0, init_trials=2)
+    result = strategy.search(ev, 4)
+    assert len([t for t in result.trials if t.feasible]) == 4
+    assert strategy.fallback_trials == [2]

@@ -74,7 +74,8 @@ class AxGpEi(SearchStrategy):
     def search(self, evaluator: Any, trials: int, *,
                on_trial: Callable[[TrialRecord], None] | None = None) -> SearchResult:
         """Run ``trials`` evaluated Ax trials (abandoned infeasible ones do not count)."""
-        from botorch.exceptions.errors import ModelFittingError  # lazy: BoTorch is slow to import
+        # lazy: BoTorch is slow to import
+        from botorch.exceptions.errors import ModelFittingError, OptimizationGradientError
 
         enc = self.encoding(evaluator)
         space = enc.parameters()
@@ -82,12 +83,13 @@ class AxGpEi(SearchStrategy):
         records: list[TrialRecord] = []
         evaluated = 0
         rng = random.Random(self.seed)
-        #: trials whose GP could not be fitted (a numerical failure): proposed at random instead
+        #: trials whose GP could not be fitted, or whose acquisition optimiser met NaN gradients
+        #: (numerical failures): proposed at random instead
         self.fallback_trials: list[int] = []
         while evaluated < trials and len(records) < trials * self.max_proposals_factor:
             try:
                 (index, params), = client.get_next_trials(max_trials=1).items()
-            except ModelFittingError:
+            except (ModelFittingError, OptimizationGradientError):
                 params = enc.sample(rng)
                 index = client.attach_trial(params)
                 self.fallback_trials.append(len(records))
