@@ -102,8 +102,8 @@ def figures() -> list[Figure]:
         Figure("demo-mpnet", "BENCHMARKS 2026-12-02 'all-mpnet-base-v2 on BBC News'",
                "coformer demo --backbone mpnet --out {out}/demo-mpnet --json {out}/demo-mpnet.json"),
         Figure("bench-mpnet", "BENCHMARKS 2026-12-02 mpnet on the testbed",
-               "coformer bench --testbed --plan {out}/demo-mpnet --link-mbps 2,1000 --requests 40 --warmup 5 "
-               "--out {out}/bench-mpnet", needs_root=True),
+               "coformer bench --testbed --plan {out}/demo-mpnet --link-mbps 2,1000 --requests 20 --warmup 3 "
+               "--accuracy-limit 100 --max-seconds 60 --out {out}/bench-mpnet", needs_root=True),
         Figure("recipe-wordnet-minilm", "BENCHMARKS 2026-12-02 'WordNet supersenses through coformer run'",
                "coformer run examples/recipes/wordnet_minilm.toml --out {out}/wordnet-minilm"),
         Figure("table5", "BENCHMARKS 'Device count (Table V)'",
@@ -111,6 +111,16 @@ def figures() -> list[Figure]:
         Figure("demo-mpnet-wordnet", "BENCHMARKS 2026-12-02 mpnet on WordNet supersenses",
                "coformer demo --backbone mpnet --data wordnet_supersense?train_size=1500&val_size=500&test_size=500 "
                "--max-length 32 --no-compressed --out {out}/demo-mpnet-wordnet --json {out}/demo-mpnet-wordnet.json"),
+        Figure("recipe-wordnet-mpnet-lr", "BENCHMARKS 2026-12-02 mpnet on WordNet supersenses (the 2e-4 candidate)",
+               "coformer run examples/recipes/wordnet_mpnet.toml --out {out}/wordnet-mpnet-lr2e-4"),
+        Figure("bench-mpnet-wordnet", "BENCHMARKS 2026-12-02 mpnet on WordNet supersenses, on the testbed",
+               "coformer bench --testbed --plan {out}/demo-mpnet-wordnet --link-mbps 2,1000 --requests 20 --warmup 3 "
+               "--max-seconds 60 --out {out}/bench-mpnet-wordnet", needs_root=True),
+        Figure("proxy-spread", "BENCHMARKS 2026-12-02 'Accuracy proxy on policies spread from small to large'",
+               "python examples/proxy_correlation.py --policies 12 --spread --calib-docs 600 --out {out}/proxy-spread"),
+        Figure("search-strategies", "BENCHMARKS 2026-12-02 'ax_gp_ei against random search on the probe Ψ'",
+               "python examples/search_strategies.py --trials 50 --random-n 250 --val-docs 64 --train-docs 160 "
+               "--out {out}/search"),
         Figure("cfs-period", "BENCHMARKS 2026-12-02 'The testbed's CFS period'",
                "python examples/cfs_period.py", needs_root=True),
         Figure("testbed-loop", "BENCHMARKS 2026-12-02 'The loop on the testbed'",

@@ -75,9 +75,9 @@ def test_the_cfs_period_is_one_scheduler_tick() -> None:
     assert period == 4_000 and quota == 1_417
 
 
-def test_a_slow_link_shapes_even_a_small_request() -> None:
-    # The bucket passes its bytes at line rate: at 16 KiB (before) a 4 KB CoFormer request crossed
-    # a "2 Mbit/s" link in well under a millisecond instead of 16 ms.
+def test_a_slow_links_bucket_is_two_frames_not_16_kib() -> None:
+    # The bucket passes its bytes at line rate: at 16 KiB (before) every message under 16 KiB crossed
+    # a "2 Mbit/s" link unshaped (a 16 KB batch: under 1 ms instead of 64 ms).
     assert tbf_burst_bytes("2mbit") * 8 / 2e6 <= 0.0125  # at most two full-size frames' worth
     assert tbf_burst_bytes("1000mbit") >= 1e9 / 8 / 100  # a 10 ms tick of traffic at a fast rate
 
