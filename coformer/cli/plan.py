@@ -24,8 +24,8 @@ from coformer.cli.app import DATA_HELP, cli, console
 @click.option("--shapes", type=int, default=50, show_default=True, help="How many sub-model shapes.")
 @click.option("--repeats", type=int, default=5, show_default=True)
 @click.option("--warmup", type=int, default=2, show_default=True)
-@click.option("--statistic", type=click.Choice(defaults.TIMING_STATISTICS), default=defaults.TIMING_STATISTICS[0], show_default=True,
-              help="How the repeats are summarised; `mean` for a device under a CPU quota.")
+@click.option("--statistic", type=click.Choice(defaults.TIMING_STATISTICS), default=defaults.TIMING_STATISTICS[0],
+              show_default=True, help="How the repeats are summarised; `mean` for a device under a CPU quota.")
 @click.option("--train/--no-train", default=True, show_default=True,
               help="Also train the latency predictor and report held-out error.")
 @click.option("--max-length", type=int, default=64, show_default=True,
@@ -118,7 +118,6 @@ def render_plan(doc: dict[str, Any], out: str) -> None:
     console.print(f"best Ψ {comp['psi']:.4f} = L_val {comp['L_val']:.4f} + {doc['delta']}·T {comp['T_ms']:.3f} ms "
                   f"after {doc['model_evaluations']} evaluations ({len(doc['trials'])} proposals)")
     for d in comp["devices"]:
-        console.print(f"  [{d['index']}] {d['name']}: t0 {d.get('t0_ms', 0.0):.3f} ms, t1 {d['t1_ms']:.3f} ms ({d['t1_source']}), "
-                      f"t2 {d['t2_ms']:.4f} ms, "
-                      f"L_val {d['L_val']:.4f}, {d['gflops']:.3f} GFLOPs")
+        console.print(f"  [{d['index']}] {d['name']}: t0 {d.get('t0_ms', 0.0):.3f} ms, t1 {d['t1_ms']:.3f} ms "
+                      f"({d['t1_source']}), t2 {d['t2_ms']:.4f} ms, L_val {d['L_val']:.4f}, {d['gflops']:.3f} GFLOPs")
     console.print(f"wrote {out}/plan.json and {out}/convergence.png")

@@ -263,8 +263,8 @@ def _notes(cfg: BenchConfig) -> dict[str, str]:
         "energy": "ESTIMATE: sum over devices of worker-reported compute time x device profile power (W); "
                   "idle and network power excluded",
         "overhead": "end-to-end - critical-path compute - modelled wire time; on shaped links it can be "
-                    "negative: the tbf bucket (two full-size frames at low rates) passes that much at line rate, "
-                    "so bytes/rate slightly overestimates a small transfer's wire time",
+                    "negative: the tbf bucket (two full-size frames at low rates) passes a message that fits in it "
+                    "at line rate, so bytes/rate overestimates a small transfer's wire time",
         "runtime": "serialisation + RPC, measured per call on the critical path: round trip - worker compute "
                    "of the device each round waited for; serialisation as reported by the transport (both "
                    "ends), RPC the rest (on shaped links it includes the wire); share = of end-to-end",

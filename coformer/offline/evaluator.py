@@ -134,7 +134,7 @@ class LatencyBreakdown(NamedTuple):
 
 @dataclass
 class Evaluation:
-    """One policy's score: Ψ, T with its t1/t2/t3 breakdown per device, L_val per sub-model."""
+    """One policy's score: Ψ, T with its t0/t1/t2/t3 breakdown per device, L_val per sub-model."""
 
     policy: dict[str, Any]
     feasible: bool
