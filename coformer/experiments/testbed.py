@@ -164,7 +164,7 @@ def _run(*cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return res
 
 
-#: Two full-size Ethernet frames: the smallest bucket tbf shapes reliably with.
+#: Two full-size Ethernet frames: tbf drops a packet larger than its bucket, so one frame is the floor.
 MIN_TBF_BURST_BYTES = 2 * 1514
 
 

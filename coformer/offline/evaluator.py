@@ -185,7 +185,8 @@ def _standardise(train: torch.Tensor, val: torch.Tensor) -> tuple[torch.Tensor, 
 class Evaluator:
     """Scores policies for one teacher, device set and validation set.
 
-    ``predictors`` maps device names to objects with ``predict(spec) -> ms`` (e.g.
+    ``predictors`` maps device names to objects with ``predict(spec) -> ms`` and, optionally, a
+    ``call_overhead_ms`` attribute, the t0 of that device (e.g.
     :class:`coformer.offline.predictor.LatencyPredictor`); devices without one use the FLOPs estimate.
     ``topology`` places the aggregation (default: a separate coordinator, as the runtime runs);
     ``central`` is a shorthand for ``Topology("device", central)`` (an index). ``head`` replaces
