@@ -11,10 +11,12 @@
 #   4. bench:     `coformer bench --testbed` brings the testbed up again with the plan's devices and
 #                 the same --cores, at 2 Mb/s and 1 Gb/s
 #   5. compare:   the plan's predicted T against the bench's measured medians (target within 20%)
+#   6. calibrate + package the GFLOPS-proportional policy (`coformer demo --layers 2`, the README's)
+#   7. bench it the same way, then one table of planned vs proportional vs compressed vs teacher
 #
 # Run it on a quiet machine (timings on a shared CPU are inflated):
 #   sudo bash examples/testbed_loop.sh runs/testbed-loop
-# Knobs (environment): DEVICES, CORES, SHAPES, REPEATS, STATISTIC, TRIALS, DELTA, PLAN_RATE, RATES, PY, OUT (or the first argument).
+# Knobs (environment): DEVICES, CORES, SHAPES, REPEATS, STATISTIC, TRIALS, DELTA, PLAN_RATE, RATES, LAYERS, PY, OUT (or the first argument).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,6 +31,7 @@ TRIALS=${TRIALS:-30}
 DELTA=${DELTA:-0.5}
 PLAN_RATE=${PLAN_RATE:-2}
 RATES=${RATES:-2,1000}
+LAYERS=${LAYERS:-2}
 PY=${PY:-.venv/bin/python}
 OUT=${1:-${OUT:-runs/testbed-loop}}
 STATE="$OUT/profile-testbed.json"
@@ -73,3 +76,10 @@ cf bench --plan "$OUT/deployed" --testbed --cores "$CORES" --link-mbps "$RATES" 
 
 echo "== 5. predicted T vs measured"
 "$PY" examples/predicted_vs_measured.py "$OUT/plan/plan.json" "$OUT/bench/bench.json" || true
+
+echo "== 6. calibrate and package the proportional policy ($LAYERS layers per sub-model)"
+cf demo --layers "$LAYERS" --out "$OUT/proportional" --json "$OUT/proportional.json"
+
+echo "== 7. bench it on the testbed the same way; the table of planned vs proportional vs compressed vs teacher"
+cf bench --plan "$OUT/proportional" --testbed --cores "$CORES" --link-mbps "$RATES" --out "$OUT/proportional-bench"
+"$PY" examples/loop_table.py "$OUT"
