@@ -14,6 +14,9 @@
    ``averaging``, ``voting``); the one with the best validation accuracy is reported as CoFormer.
 5. Test accuracy of the teacher, each sub-model (with its student head) and CoFormer.
 
+Settings are chosen on validation: ``--validation-only`` never reads the test split, and
+``--teacher-only`` stops after the teacher (for its ``--lr`` / ``--epochs``).
+
 Run: ``.venv/bin/python examples/fashion_mnist.py`` (about 3 minutes on 2 quiet CPU cores);
 BENCHMARKS.md quotes the longer runs and their commands. ``--out F.json`` writes the figures.
 """
@@ -95,6 +98,10 @@ def main() -> None:
     ap.add_argument("--calib-lr", type=float, default=3e-4, help="booster learning rate")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--validation-only", action="store_true",
+                    help="never read the test split: report validation figures only (for choosing settings)")
+    ap.add_argument("--teacher-only", action="store_true",
+                    help="stop after fine-tuning the teacher (for choosing its --lr / --epochs on validation)")
     ap.add_argument("--out", default=None, help="write the figures as JSON here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -106,20 +113,33 @@ def main() -> None:
                                  test_size=args.test)
     backbone = coformer.create_backbone("vit", img_size=args.img_size)
     teacher = backbone.load(None, num_labels=len(data.classes))
-    pool, test = to_tensors(backbone, teacher, data.train), to_tensors(backbone, teacher, data.test)
+    pool = to_tensors(backbone, teacher, data.train)
+    # settings are chosen with --validation-only; the test split is read only for a reported figure
+    test = None if args.validation_only or args.teacher_only else to_tensors(backbone, teacher, data.test)
     labelled = stratified_subset(pool.labels, args.train, args.seed)
     train = pool.subset(labelled)
     unlabelled = pool.subset(sorted(set(range(len(pool))) - set(labelled)))
     val = to_tensors(backbone, teacher, data.val)
-    print(f"data ready: {len(train)} labelled + {len(unlabelled)} unlabelled train / {len(test)} test at "
-          f"{args.img_size}px ({time.perf_counter() - t0:.0f}s)", flush=True)
+    print(f"data ready: {len(train)} labelled + {len(unlabelled)} unlabelled train / {len(val)} val / "
+          f"{'unread' if test is None else len(test)} test at {args.img_size}px ({time.perf_counter() - t0:.0f}s)",
+          flush=True)
 
     ft_losses = fine_tune(teacher, train, epochs=args.epochs, lr=args.lr, batch_size=32, seed=args.seed)
     teacher.eval()
-    with torch.no_grad():
-        teacher_logits = torch.cat([backbone.forward_teacher(teacher, b) for _, b in test.batches(128)])
-    teacher_acc = accuracy(teacher_logits, test.labels)
-    print(f"teacher test accuracy {teacher_acc:.4f} ({time.perf_counter() - t0:.0f}s)", flush=True)
+    figures: dict[str, Any] = {
+        "command": "examples/fashion_mnist.py " + " ".join(
+            f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
+            for k, v in vars(args).items() if v is not None and v is not False),
+        "train_images": len(train), "unlabelled_images": len(unlabelled), "val_images": len(val),
+        "test_images": None if test is None else len(test), "img_size": args.img_size,
+        "teacher_finetune_loss": ft_losses, "teacher_val_accuracy": teacher_accuracy(backbone, teacher, val)}
+    if test is not None:
+        figures["teacher_accuracy"] = teacher_accuracy(backbone, teacher, test)
+    print(f"teacher validation accuracy {figures['teacher_val_accuracy']:.4f} ({time.perf_counter() - t0:.0f}s)",
+          flush=True)
+    if args.teacher_only:
+        finish(figures, args.out, t0)
+        return
     # calibration data: the labelled images, then the unlabelled ones labelled by the teacher
     images = torch.cat([train.inputs["pixel_values"], unlabelled.inputs["pixel_values"]])
     teacher_labels = teacher_hard_labels(backbone, teacher, TensorDataset({"pixel_values": images},
@@ -140,7 +160,8 @@ def main() -> None:
     # Aggregators side by side; the one reported as CoFormer is chosen on the validation split.
     task_head = backbone.task_head(teacher)
     train_feats = submodel_features(result.submodels, calib_data)
-    val_feats, test_feats = submodel_features(result.submodels, val), submodel_features(result.submodels, test)
+    val_feats = submodel_features(result.submodels, val)
+    test_feats = None if test is None else submodel_features(result.submodels, test)
     aggregators: dict[str, dict[str, float]] = {}
     chosen, best_val = "", -1.0
     # every registered aggregator, trained on the calibration features or training-free
@@ -151,29 +172,40 @@ def main() -> None:
                          on_progress=False)  # a no-op for training-free aggregators
         agg.eval()
         with torch.no_grad():
-            aggregators[name] = {"val": accuracy(agg(val_feats), val.labels),
-                                 "test": accuracy(agg(test_feats), test.labels),
-                                 "test_without_jetson_nano": accuracy(agg([None, *test_feats[1:]]), test.labels)}
+            aggregators[name] = {"val": accuracy(agg(val_feats), val.labels)}
+            if test is not None and test_feats is not None:
+                aggregators[name]["test"] = accuracy(agg(test_feats), test.labels)
+                aggregators[name]["test_without_jetson_nano"] = accuracy(agg([None, *test_feats[1:]]), test.labels)
         if aggregators[name]["val"] > best_val:
             chosen, best_val = name, aggregators[name]["val"]
     with torch.no_grad():
-        sub_acc = [accuracy(h.eval()(f), test.labels) for h, f in zip(result.student_heads, test_feats)]
+        heads = [h.eval() for h in result.student_heads]
+        figures["submodel_val_accuracy"] = {d: accuracy(h(f), val.labels) for d, h, f in zip(DEVICES, heads, val_feats)}
+        if test is not None and test_feats is not None:
+            figures["submodel_accuracy"] = {d: accuracy(h(f), test.labels) for d, h, f in zip(DEVICES, heads, test_feats)}
 
-    figures = {
-        "command": "examples/fashion_mnist.py " + " ".join(f"--{k.replace('_', '-')} {v}"
-                                                           for k, v in vars(args).items() if v is not None),
-        "train_images": len(train), "unlabelled_images": len(unlabelled), "test_images": len(test), "img_size": args.img_size,
-        "teacher_finetune_loss": ft_losses, "teacher_accuracy": teacher_acc,
-        "specs": {name: s.to_dict() for name, s in zip(DEVICES, specs)},
-        "submodel_accuracy": dict(zip(DEVICES, sub_acc)),
-        "aggregators": aggregators, "chosen_aggregator": chosen,
-        "coformer_accuracy": aggregators[chosen]["test"],
-        "coformer_accuracy_without_jetson_nano": aggregators[chosen]["test_without_jetson_nano"],
-        "calibration": result.to_dict(), "seconds": round(time.perf_counter() - t0, 1),
-    }
+    figures.update({"specs": {name: s.to_dict() for name, s in zip(DEVICES, specs)},
+                    "aggregators": aggregators, "chosen_aggregator": chosen,
+                    "coformer_val_accuracy": aggregators[chosen]["val"], "calibration": result.to_dict()})
+    if test is not None:
+        figures["coformer_accuracy"] = aggregators[chosen]["test"]
+        figures["coformer_accuracy_without_jetson_nano"] = aggregators[chosen]["test_without_jetson_nano"]
+    finish(figures, args.out, t0)
+
+
+def teacher_accuracy(backbone: Any, teacher: torch.nn.Module, data: TensorDataset) -> float:
+    """Top-1 accuracy of the fine-tuned teacher on one split."""
+    with torch.no_grad():
+        logits = torch.cat([backbone.forward_teacher(teacher, b) for _, b in data.batches(128)])
+    return accuracy(logits, data.labels)
+
+
+def finish(figures: dict[str, Any], out: str | None, t0: float) -> None:
+    """Print the figures (without the bulky ones) and write them all to ``out``."""
+    figures["seconds"] = round(time.perf_counter() - t0, 1)
     print(json.dumps({k: v for k, v in figures.items() if k not in ("calibration", "specs")}, indent=2))
-    if args.out:
-        with open(args.out, "w") as f:
+    if out:
+        with open(out, "w") as f:
             json.dump(figures, f, indent=2)
 
 
