@@ -1,7 +1,7 @@
 """Does the search's accuracy proxy rank policies the way calibrated accuracy does?
 
-For ``--policies`` random feasible policies (MiniLM ``bert``, BBC News, the Nano / TX2 / Orin
-Nano devices) this computes
+For ``--policies`` random feasible policies (MiniLM ``bert``, BBC News unless ``--data`` names
+another data set, the Nano / TX2 / Orin Nano devices) this computes
 
 * the probe proxy L_val (``coformer.offline.evaluator``, ``proxy="probe"``): a linear probe on the
   concatenated features of the sliced, uncalibrated sub-models, fitted on ``--probe-docs``
@@ -94,6 +94,8 @@ def main() -> None:
     ap.add_argument("--calib-docs", type=int, default=0, help="training docs for calibration (0: all)")
     ap.add_argument("--epochs", type=int, default=None, help="calibration epochs (default: the backbone's)")
     ap.add_argument("--aggregator", default="mlp_fusion")
+    ap.add_argument("--data", default="bbc_news",
+                    help="data set name or URI, e.g. 'wordnet_supersense?train_size=1500&val_size=500&test_size=500'")
     ap.add_argument("--max-length", type=int, default=64)
     ap.add_argument("--devices", default="jetson-nano,jetson-tx2,orin-nano")
     ap.add_argument("--seed", type=int, default=0)
@@ -113,7 +115,6 @@ def main() -> None:
     import coformer
     from coformer.offline.booster import BoosterConfig
     from coformer.data import TensorDataset
-    from coformer_datasets.bbc_news import load_bbc_news
     from coformer.offline.evaluator import Evaluator
     from coformer.offline.importance import IMPORTANCE_SAMPLES, shared_importance
     from coformer.offline.pipeline import prepare_teacher
@@ -123,7 +124,7 @@ def main() -> None:
 
     started = time.perf_counter()
     backbone = coformer.create_backbone("bert")
-    data = load_bbc_news()
+    data = coformer.load_dataset(args.data)
     teacher = prepare_teacher(backbone, data, seed=args.seed, load_options={"max_length": args.max_length})
     if args.quick:
         keep = torch.arange(min(len(teacher.val), 60))

@@ -29,10 +29,17 @@ def test_spearman_is_a_rank_correlation_with_average_ties():
     assert rho([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(0.9486833, rel=1e-6)
 
 
+WORDNET_URI = "wordnet_supersense?train_size=120&val_size=60&test_size=60"
+
+
 @pytest.mark.slow
-def test_quick_run_reports_both_proxies_against_calibrated_accuracy(tmp_path: Path) -> None:
+@pytest.mark.parametrize("data", [None, WORDNET_URI])
+def test_quick_run_reports_both_proxies_against_calibrated_accuracy(tmp_path: Path, data: str | None) -> None:
+    if data == WORDNET_URI and not Path("/usr/share/wordnet/data.noun").is_file():
+        pytest.skip("needs the Debian package wordnet-base (apt-get install wordnet-base)")
     run = subprocess.run([sys.executable, str(ROOT / "examples" / "proxy_correlation.py"), "--quick",
-                          "--policies", "3", "--out", str(tmp_path / "out")], capture_output=True, text=True,
+                          "--policies", "3", *(["--data", data] if data else []), "--out", str(tmp_path / "out")],
+                         capture_output=True, text=True,
                          timeout=1500, env={**os.environ, "COFORMER_CACHE": str(tmp_path / "cache")})
     assert run.returncode == 0, run.stderr[-3000:]
     doc = json.loads((tmp_path / "out" / "proxy_correlation.json").read_text())
@@ -43,6 +50,7 @@ def test_quick_run_reports_both_proxies_against_calibrated_accuracy(tmp_path: Pa
         assert len(row["policy"]) == 3  # Nano, TX2, Orin Nano
     assert -1 <= doc["spearman_probe"] <= 1 and -1 <= doc["spearman_uncalibrated"] <= 1
     assert doc["calibration"]["epochs"] == 1 and "Spearman rho" in run.stdout
+    assert ("--data " + data in doc["command"]) if data else ("--data bbc_news" in doc["command"])
 
 
 def test_spread_policies_span_the_pool_from_smallest_to_largest_total_flops():
