@@ -90,6 +90,14 @@ def figures() -> list[Figure]:
                f"coformer bench --plan {{out}}/demo-llama --workers {llama3} --link-mbps 1000 --requests 20 "
                f"--warmup 3 --batch-size 1 --max-seconds 30 --accuracy-limit 100 --out {{out}}/loopback-llama",
                workers=[50071, 50072, 50073], worker_args="--threads 1 --max-message-mb 1024"),
+        *[Figure(f"fashion-mnist-teacher-{lr}-{ep}", "BENCHMARKS 2026-12-02 'Fashion-MNIST settings, re-decided on validation'",
+                 f"python examples/fashion_mnist.py --train 2000 --validation-only --teacher-only --lr {lr} --epochs {ep} "
+                 f"--out {{out}}/fmnist-teacher-{lr}-{ep}.json")
+          for lr, ep in (("2e-5", 2), ("5e-5", 2), ("1e-4", 2), ("5e-5", 4))],
+        *[Figure(f"fashion-mnist-calib-{lr}-{ep}", "BENCHMARKS 2026-12-02 'Fashion-MNIST settings, re-decided on validation'",
+                 f"python examples/fashion_mnist.py --train 2000 --validation-only --calib-lr {lr} --calib-epochs {ep} "
+                 f"--out {{out}}/fmnist-calib-{lr}-{ep}.json")
+          for lr in ("3e-4", "6e-4", "1e-3") for ep in (3, 6)],
         Figure("fashion-mnist", "BENCHMARKS Fashion-MNIST (ViT-S)",
                "python examples/fashion_mnist.py --train 6000 --unlabelled 24000 --test 10000 --calib-epochs 6 "
                "--calib-lr 6e-4 --out {out}/fmnist.json"),
