@@ -21,6 +21,7 @@ train and validation splits are read. Example (the full measurement, minutes per
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
 import time
@@ -99,6 +100,9 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=64)
     ap.add_argument("--devices", default="jetson-nano,jetson-tx2,orin-nano")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--calib-seeds", type=int, default=1,
+                    help="calibrate each policy with this many seeds and rank by the mean accuracy (the "
+                         "reference's own noise shrinks; the spread between seeds is reported)")
     ap.add_argument("--spread", action="store_true",
                     help="policies at evenly spaced quantiles of total FLOPs instead of uniform draws")
     ap.add_argument("--threads", type=int, default=1)
@@ -169,14 +173,19 @@ def main() -> None:
         t_probe = time.perf_counter() - t0
         seed_L = seed_ev.submodel_losses(policy.specs)[0]
         t1 = time.perf_counter()
-        acc = calibrated_accuracy(backbone, teacher, policy, importance, config, calib_train, hard, args.aggregator)
+        per_seed = [calibrated_accuracy(backbone, teacher, policy, importance,
+                                        dataclasses.replace(config, seed=args.seed + k), calib_train, hard,
+                                        args.aggregator) for k in range(args.calib_seeds)]
+        acc = sum(per_seed) / len(per_seed)
         rows.append({"policy": [s.to_dict() for s in policy.specs], "probe_L_val": probe_L,
                      "total_flops": sum(probe_ev.cost(s).flops for s in policy.specs),
                      "uncalibrated_L_val": seed_L, "calibrated_val_accuracy": acc,
+                     "calibrated_val_accuracy_per_seed": per_seed,
                      "probe_seconds": t_probe, "calibration_seconds": time.perf_counter() - t1})
         print(f"[{i + 1}/{len(policies)}] layers {[s.layers for s in policy.specs]} "
               f"dims {[s.embed_dim for s in policy.specs]}: probe L_val {probe_L:.4f}, uncalibrated L_val "
-              f"{seed_L:.4f}, calibrated val acc {acc:.2f}% ({t_probe:.1f} s probe, "
+              f"{seed_L:.4f}, calibrated val acc {acc:.2f}% (seeds: {', '.join(f'{a:.2f}' for a in per_seed)}; "
+              f"{t_probe:.1f} s probe, "
               f"{time.perf_counter() - t1:.0f} s calibration)", flush=True)
         accs = [r["calibrated_val_accuracy"] for r in rows]
         summary = {
@@ -185,6 +194,7 @@ def main() -> None:
                 for k, v in vars(args).items() if v is not False and v is not None),
             "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
             "importance_key": key, "calibration": {"epochs": config.epochs, "train_docs": len(calib_train),
+                                                   "seeds": args.calib_seeds,
                                                    "aggregator": args.aggregator, "val_docs": len(teacher.val)},
             "policies": len(rows),
             "spearman_probe": spearman([-r["probe_L_val"] for r in rows], accs) if len(rows) > 2 else None,

@@ -97,7 +97,7 @@ def figures() -> list[Figure]:
         *[Figure(f"fashion-mnist-calib-{lr}-{ep}", "BENCHMARKS 2026-12-02 'Fashion-MNIST settings, re-decided on validation'",
                  f"python examples/fashion_mnist.py --train 2000 --validation-only --calib-lr {lr} --calib-epochs {ep} "
                  f"--out {{out}}/fmnist-calib-{lr}-{ep}.json")
-          for lr in ("3e-4", "6e-4", "1e-3") for ep in (3, 6)],
+          for lr, ep in (("3e-4", 3), ("3e-4", 6), ("6e-4", 6), ("1e-3", 6))],
         Figure("fashion-mnist", "BENCHMARKS Fashion-MNIST (ViT-S)",
                "python examples/fashion_mnist.py --train 6000 --unlabelled 24000 --test 10000 --calib-epochs 6 "
                "--calib-lr 6e-4 --out {out}/fmnist.json"),
@@ -129,6 +129,21 @@ def figures() -> list[Figure]:
         Figure("search-strategies", "BENCHMARKS 2026-12-02 'ax_gp_ei against random search on the probe Ψ'",
                "python examples/search_strategies.py --trials 50 --random-n 250 --val-docs 64 --train-docs 160 "
                "--out {out}/search"),
+        Figure("proxy-wordnet", "BENCHMARKS 2026-12-02 third session 'Accuracy proxy on WordNet supersenses'",
+               "python examples/proxy_correlation.py --data wordnet_supersense?train_size=1500&val_size=500&test_size=500 "
+               "--max-length 32 --policies 10 --spread --probe-docs 600 --val-docs 200 --calib-docs 1000 --threads 1 "
+               "--out {out}/proxy-wordnet"),
+        Figure("proxy-wordnet-3seeds", "BENCHMARKS 2026-12-02 third session 'Accuracy proxy on WordNet supersenses'",
+               "python examples/proxy_correlation.py --data wordnet_supersense?train_size=1500&val_size=500&test_size=500 "
+               "--max-length 32 --policies 10 --spread --probe-docs 600 --val-docs 200 --calib-docs 1000 --calib-seeds 3 "
+               "--threads 1 --out {out}/proxy-wordnet-3seeds"),
+        Figure("ablation-aggregator", "BENCHMARKS 2026-12-02 third session 'The aggregator, decided on validation'",
+               "python examples/ablation.py --max-length 64 --rules boost --out {out}/ablation-bert-boost"),
+        Figure("ablation-vit", "BENCHMARKS 2026-12-02 third session 'vit and llama weight rules, on validation'",
+               "python examples/ablation.py --backbone vit --out {out}/ablation-vit"),
+        Figure("ablation-llama", "BENCHMARKS 2026-12-02 third session 'vit and llama weight rules, on validation'",
+               "python examples/ablation.py --backbone llama --max-length 64 --rules boost,seed-unweighted "
+               "--aggregators mlp_fusion --train-limit 600 --out {out}/ablation-llama"),
         Figure("cfs-period", "BENCHMARKS 2026-12-02 'The testbed's CFS period'",
                "python examples/cfs_period.py", needs_root=True),
         Figure("testbed-loop", "BENCHMARKS 2026-12-02 'The loop on the testbed'",

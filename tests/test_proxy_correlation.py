@@ -38,7 +38,8 @@ def test_quick_run_reports_both_proxies_against_calibrated_accuracy(tmp_path: Pa
     if data == WORDNET_URI and not Path("/usr/share/wordnet/data.noun").is_file():
         pytest.skip("needs the Debian package wordnet-base (apt-get install wordnet-base)")
     run = subprocess.run([sys.executable, str(ROOT / "examples" / "proxy_correlation.py"), "--quick",
-                          "--policies", "3", *(["--data", data] if data else []), "--out", str(tmp_path / "out")],
+                          "--policies", "3", *(["--data", data, "--calib-seeds", "2"] if data else []),
+                          "--out", str(tmp_path / "out")],
                          capture_output=True, text=True,
                          timeout=1500, env={**os.environ, "COFORMER_CACHE": str(tmp_path / "cache")})
     assert run.returncode == 0, run.stderr[-3000:]
@@ -47,6 +48,8 @@ def test_quick_run_reports_both_proxies_against_calibrated_accuracy(tmp_path: Pa
     for row in doc["rows"]:
         assert row["probe_L_val"] > 0 and row["uncalibrated_L_val"] > 0
         assert 0 <= row["calibrated_val_accuracy"] <= 100
+        seeds = row["calibrated_val_accuracy_per_seed"]
+        assert len(seeds) == (2 if data else 1) and row["calibrated_val_accuracy"] == pytest.approx(sum(seeds) / len(seeds))
         assert len(row["policy"]) == 3  # Nano, TX2, Orin Nano
     assert -1 <= doc["spearman_probe"] <= 1 and -1 <= doc["spearman_uncalibrated"] <= 1
     assert doc["calibration"]["epochs"] == 1 and "Spearman rho" in run.stdout
