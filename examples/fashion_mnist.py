@@ -86,7 +86,8 @@ def main() -> None:
                          "the fine-tuned teacher (its predictions stand in for labels)")
     ap.add_argument("--val", type=int, default=1000, help="validation images (choose the aggregator)")
     ap.add_argument("--test", type=int, default=1000, help="test images (stratified subset of the 10k)")
-    ap.add_argument("--epochs", type=int, default=2, help="teacher fine-tuning epochs")
+    ap.add_argument("--epochs", type=int, default=4,
+                    help="teacher fine-tuning epochs (4: chosen on validation, BENCHMARKS 2026-12-02)")
     ap.add_argument("--calib-epochs", type=int, default=2, help="booster epochs per sub-model")
     ap.add_argument("--weight-rule", choices=WEIGHT_RULES, default="seed-unweighted",
                     help="seed-unweighted: with 'boost' the 2nd and 3rd sub-models collapsed to 15-17%% here (hard "

@@ -99,7 +99,7 @@ def figures() -> list[Figure]:
                  f"--out {{out}}/fmnist-calib-{lr}-{ep}.json")
           for lr, ep in (("3e-4", 3), ("3e-4", 6), ("6e-4", 6), ("1e-3", 6))],
         Figure("fashion-mnist", "BENCHMARKS Fashion-MNIST (ViT-S)",
-               "python examples/fashion_mnist.py --train 6000 --unlabelled 24000 --test 10000 --calib-epochs 6 "
+               "python examples/fashion_mnist.py --train 6000 --unlabelled 24000 --test 10000 --epochs 2 --calib-epochs 6 "
                "--calib-lr 6e-4 --out {out}/fmnist.json"),
         Figure("demo-vit", "BENCHMARKS 'coformer demo --backbone vit'",
                "coformer demo --backbone vit --out {out}/demo-vit --json {out}/demo-vit.json"),
