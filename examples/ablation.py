@@ -34,6 +34,7 @@ import itertools
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from rich.console import Console
@@ -43,7 +44,8 @@ from coformer.offline.booster import WEIGHT_RULES, BoosterConfig, calibrate, sub
 from coformer.data import TensorDataset
 from coformer.offline.decompose import proportional_specs
 from coformer.heads import head_input_dim
-from coformer.experiments.demo import DEFAULT_DEVICES, default_dataset
+from coformer.experiments.demo import DEFAULT_DEVICES, DEMO_IMG_SIZE, default_dataset
+from coformer.offline.calibrate import text_or_image_options
 from coformer.offline.pipeline import accuracy, decompose_policy, median_latency_ms, prepare_teacher, scatter_logits
 from coformer.spec import Policy, resolve_devices
 
@@ -55,6 +57,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--source", default=None, help="local checkpoint directory (default: embedded model)")
     p.add_argument("--devices", default=",".join(DEFAULT_DEVICES))
     p.add_argument("--max-length", type=int, default=None, help="tokens per text (text backbones)")
+    p.add_argument("--img-size", type=int, default=None,
+                   help="pixels per side (image backbones; default: the demo's)")
     p.add_argument("--epochs", type=int, default=None, help="calibration epochs per sub-model")
     p.add_argument("--rules", default=",".join(WEIGHT_RULES), help="weight rules to compare")
     p.add_argument("--device-dropout", type=float, default=None, help="aggregator training drop-out per device")
@@ -119,6 +123,11 @@ def choose_rule(rules: dict) -> str:
     return max(rules, key=key)
 
 
+def input_options(backbone: Any, *, max_length: int | None, img_size: int | None) -> dict[str, Any]:
+    """The teacher's input size: ``max_length`` tokens for text (if given), else the demo's pixels per side."""
+    return text_or_image_options(backbone, None, max_length=max_length, img_size=img_size or DEMO_IMG_SIZE)
+
+
 def main() -> None:
     """Run every ablation on validation data, pick the weight rule there, then read the test split once."""
     args = parse_args()
@@ -128,7 +137,7 @@ def main() -> None:
     started = time.perf_counter()
     backbone = coformer.create_backbone(args.backbone)
     data = default_dataset(backbone.modality)
-    options = {"max_length": args.max_length} if args.max_length else None
+    options = input_options(backbone, max_length=args.max_length, img_size=args.img_size)
     teacher = prepare_teacher(backbone, data, source=args.source, seed=args.seed, load_options=options)
     if args.train_limit:
         g = torch.Generator().manual_seed(args.seed)  # a random subset: the split is ordered by class

@@ -53,3 +53,16 @@ def test_each_rule_runs_with_the_backbones_calibration_defaults_and_the_flags_on
     for field, value in vit.calibration_defaults.items():
         if field != "weight_rule":
             assert getattr(config, field) == value, field
+
+
+def test_an_image_backbone_is_ablated_at_the_demos_input_size():
+    """The ablation loaded vit at timm's 224 px while the demo it ablates runs at 56 px (16x the tokens)."""
+    import coformer
+    from coformer.experiments.demo import DEMO_IMG_SIZE
+
+    ablation = _ablation()
+    vit, bert = coformer.create_backbone("vit"), coformer.create_backbone("bert")
+    assert ablation.input_options(vit, max_length=None, img_size=None) == {"img_size": DEMO_IMG_SIZE}
+    assert ablation.input_options(vit, max_length=64, img_size=112) == {"img_size": 112}
+    assert ablation.input_options(bert, max_length=64, img_size=None) == {"max_length": 64}
+    assert ablation.input_options(bert, max_length=None, img_size=None) == {}
