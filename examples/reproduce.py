@@ -85,7 +85,8 @@ def figures() -> list[Figure]:
         Figure("smollm2-perplexity", "BENCHMARKS 'Backbones with real weights'",
                "python examples/smollm2_perplexity.py --json {out}/ppl.json"),
         Figure("demo-llama", "BENCHMARKS 'Backbones with real weights' (SmolLM2)",
-               "coformer demo --backbone llama --out {out}/demo-llama --json {out}/demo-llama.json"),
+               "coformer demo --backbone llama --weight-rule seed-unweighted --out {out}/demo-llama "
+               "--json {out}/demo-llama.json"),
         Figure("bench-loopback-llama", "BENCHMARKS runtime overhead, SmolLM2",
                f"coformer bench --plan {{out}}/demo-llama --workers {llama3} --link-mbps 1000 --requests 20 "
                f"--warmup 3 --batch-size 1 --max-seconds 30 --accuracy-limit 100 --out {{out}}/loopback-llama",

@@ -356,7 +356,8 @@ def test_config_for_backbone_layers_defaults_family_then_caller():
     cfg = BoosterConfig.for_backbone(vit, seed=3)
     assert (cfg.weight_rule, cfg.feature_weight, cfg.lr_schedule, cfg.seed) == ("seed-unweighted", 1.0, "cosine", 3)
     assert BoosterConfig.for_backbone(vit, weight_rule="boost").weight_rule == "boost"  # the caller wins
-    assert BoosterConfig.for_backbone(coformer.create_backbone("llama"), epochs=1).weight_rule == "seed-unweighted"
+    # llama's rule was re-decided on validation: the booster's own default
+    assert BoosterConfig.for_backbone(coformer.create_backbone("llama"), epochs=1).weight_rule == BoosterConfig().weight_rule
 
 
 def test_config_for_backbone_names_an_unknown_field():
