@@ -17,7 +17,7 @@
 Settings are chosen on validation: ``--validation-only`` never reads the test split, and
 ``--teacher-only`` stops after the teacher (for its ``--lr`` / ``--epochs``).
 
-Run: ``.venv/bin/python examples/fashion_mnist.py`` (about 3 minutes on 2 quiet CPU cores);
+Run: ``.venv/bin/python examples/fashion_mnist.py`` (a few minutes on 2 quiet CPU cores);
 BENCHMARKS.md quotes the longer runs and their commands. ``--out F.json`` writes the figures.
 """
 
