@@ -111,6 +111,8 @@ def main() -> None:
                     help="keep the policies already in OUT/proxy_correlation.json and measure the rest")
     ap.add_argument("--out", default="proxy-correlation")
     args = ap.parse_args()
+    if args.calib_seeds < 1:
+        ap.error(f"--calib-seeds must be at least 1 (got {args.calib_seeds})")
     if args.quick:
         args.probe_docs, args.val_docs, args.calib_docs = 40, 24, 60
         args.epochs = 1 if args.epochs is None else args.epochs

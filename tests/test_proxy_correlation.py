@@ -79,3 +79,9 @@ def test_spread_policies_span_the_pool_from_smallest_to_largest_total_flops():
     totals = [sum(p.specs) for p in spread]
     assert len(spread) == 5 and totals == sorted(totals)
     assert totals[0] == min(sum(p.specs) for p in pool) and totals[-1] == max(sum(p.specs) for p in pool)
+
+
+def test_zero_calibration_seeds_is_refused_with_the_fix() -> None:
+    run = subprocess.run([sys.executable, str(ROOT / "examples" / "proxy_correlation.py"), "--calib-seeds", "0"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "--calib-seeds must be at least 1 (got 0)" in run.stderr
