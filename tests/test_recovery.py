@@ -57,10 +57,8 @@ def test_killed_worker_is_retried_left_out_then_readmitted_with_its_model(bert: 
         assert first.missing == ["w1"] and first.retried == {"w1": 2}  # retried twice with backoff, then left out
         torch.testing.assert_close(first.logits, _expected(bert, batch, [True, False, True]))
         assert coord.is_down(1)
-        t0 = time.monotonic()
         second = coord.infer(batch)  # no retry cost while it is known down
         assert second.missing == ["w1"] and not second.retried and "down, awaiting" in second.errors["w1"]
-        assert time.monotonic() - t0 < 1.0
         servers[1] = serve(f"127.0.0.1:{port}", name="w1")  # back on the same address, empty
         back = time.monotonic()
         while coord.is_down(1) and time.monotonic() - back < 10:
