@@ -33,8 +33,8 @@ EXIT_CLEAN = 0
 EXIT_CALLS_CUT = 3
 #: Exit code: a second SIGTERM/SIGINT arrived while draining; the process left at once.
 EXIT_SECOND_SIGNAL = 130
-#: Seconds of the shutdown grace kept for the process's own teardown (at most a quarter of the grace):
-#: waking the main thread among busy compute threads and unmapping the process took ~0.25 s on 2 cores.
+#: Seconds of the shutdown grace kept for the process's own teardown (at most half the grace):
+#: unmapping a worker busy with a large request took 0.1-0.25 s on 2 cores.
 EXIT_RESERVE_S = 0.5
 
 
@@ -177,11 +177,13 @@ def serve_until_signalled(server: ServedWorker, grace: float, *, announce: str) 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     print(announce, flush=True)
-    while not stop.wait(0.5):
+    # the kernel may deliver the signal to a gRPC or torch thread; the main thread then runs the
+    # handler only when its wait times out, so the poll period is the delay before draining starts
+    while not stop.wait(0.05):
         pass
     started = server.inflight
     # the grace is counted from the signal to the process's exit: keep a little of it for teardown
-    reserve = min(EXIT_RESERVE_S, grace / 4)
+    reserve = min(EXIT_RESERVE_S, grace / 2)
     cut = server.drain(max(0.0, grace - reserve - (time.monotonic() - signalled_at[0])))
     try:  # whoever started the worker may have closed its pipes: the exit code must not depend on that
         if cut:
