@@ -177,7 +177,7 @@ def serve_until_signalled(server: ServedWorker, grace: float, *, announce: str) 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     print(announce, flush=True)
-    # the kernel may deliver the signal to a gRPC or torch thread; the main thread then runs the
+    # the kernel may deliver the signal to a transport's or torch's thread; the main thread then runs the
     # handler only when its wait times out, so the poll period is the delay before draining starts
     while not stop.wait(0.05):
         pass
