@@ -316,7 +316,9 @@ def test_plan_written_before_the_shared_toolkit_still_loads() -> None:
     assert "hidden_act" in plan.artifacts[0].config  # the old format, untouched
     (sub,) = plan.submodels()
     with torch.no_grad():
-        assert torch.equal(sub(**batch), expected["features"])
+        features = sub(**batch)
+    # not bitwise against the fixture: CPUs with other vector units round differently (4e-8 seen)
+    torch.testing.assert_close(features, expected["features"], atol=1e-6, rtol=1e-5)
     # sent on to a worker it keeps the tensor names of its weights file, with a CompactLM config
     art = submodel_artifact(sub)
     assert art.config["weights_layout"] == "bert-v1" and "norm_eps" in art.config
@@ -324,6 +326,6 @@ def test_plan_written_before_the_shared_toolkit_still_loads() -> None:
     backbone = BertBackbone()
     again = materialise(lambda: backbone.build_submodel(art.config), art.weights)
     with torch.no_grad():
-        assert torch.equal(again(**batch), expected["features"])
+        assert torch.equal(again(**batch), features)
     with pytest.raises(ValueError, match=r"lacks \['layer_norm_eps'\]"):
         backbone.build_submodel({k: v for k, v in plan.artifacts[0].config.items() if k != "layer_norm_eps"})
