@@ -15,7 +15,7 @@ latencies) with the committed ones in ``examples/figures/demo-bert-bbc_news.json
 ``--update`` records this run's figures there (do it when the code is meant to change them,
 and quote the new figures). The accuracies are deterministic on the pinned torch *on one kind of
 CPU*: calibration rounds differently on other vector units (torch's CPU capability, e.g. AVX2 or
-AVX512), and after a few thousand optimiser steps that moves an accuracy by a few test articles.
+AVX512), and calibration's optimiser steps compound that into a few test articles.
 So the file keeps one set of figures per CPU capability, and ``--check`` compares with the set for
 this CPU; where none is committed it prints the differences from another set and says that they
 are not a check. Every choice behind these figures was made on the validation split
@@ -314,10 +314,11 @@ def main() -> int:
         demo_doc = json.loads(demo_json.read_text())
         committed = json.loads(REFERENCE.read_text()) if REFERENCE.exists() else None
         if args.update:
+            capability = cpu_capability()
             REFERENCE.parent.mkdir(parents=True, exist_ok=True)
-            REFERENCE.write_text(json.dumps(with_reference(committed, deterministic_figures(demo_doc), cpu_capability(),
+            REFERENCE.write_text(json.dumps(with_reference(committed, deterministic_figures(demo_doc), capability,
                                                            doc["date"], torch.__version__), indent=2) + "\n")
-            print(f"wrote {REFERENCE} (the figures for {cpu_capability()} CPUs)")
+            print(f"wrote {REFERENCE} (the figures for {capability} CPUs)")
         elif committed is None:
             print(f"{REFERENCE} is missing: run with --update on the pinned torch and commit it")
             failed = True
